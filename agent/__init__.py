@@ -1,0 +1,1 @@
+"""The edgefleet site agent: installs and supervises the platform from verified bundles."""

@@ -1,0 +1,130 @@
+"""Agent configuration: a pydantic model loaded from YAML, with environment overrides.
+
+Environment variables win over the file, named ``EDGEFLEET_AGENT_<FIELD>`` and
+``EDGEFLEET_AGENT_<SECTION>__<FIELD>`` (e.g. ``EDGEFLEET_AGENT_LINK__HOST=hub.example``).
+Unknown keys are errors, not silently ignored: a typo in a config file must not become a
+default that nobody asked for. Any mistake is reported as one line naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent import protocol
+
+DEFAULT_PATH = Path("/etc/edgefleet/agent.yaml")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9477, ge=0, le=65535)
+
+
+class InstallConfig(_Section):
+    #: Components applied at once within one layer (the dependsOn DAG permitting).
+    parallelism: int = Field(default=4, ge=1, le=64)
+    #: Health-gate timeout for components whose bundle entry names none.
+    default_gate_timeout_seconds: float = Field(default=300.0, gt=0)
+    drift_interval_seconds: float = Field(default=60.0, gt=0)
+    image_loader: Literal["none", "k3s-airgap", "registry"] = "none"
+
+
+class DegradationConfig(_Section):
+    enabled: bool = True
+    #: How long a worse state must persist before acting on it.
+    degrade_dwell_seconds: float = Field(default=5.0, ge=0)
+    #: How long a better state must persist before restoring (hysteresis against flapping).
+    recover_dwell_seconds: float = Field(default=60.0, ge=0)
+    #: Delay between restoring one tier and the next.
+    restore_stagger_seconds: float = Field(default=10.0, ge=0)
+
+
+class SnapshotConfig(_Section):
+    enabled: bool = True
+    schedule: str = "0 */6 * * *"
+    backend: Literal["etcdctl", "k3s"] = "etcdctl"
+    preset: Literal["k3s", "kubeadm", "custom"] = "k3s"
+    directory: Path | None = None  # default: <state_dir>/snapshots
+
+
+class LinkConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    status_interval_seconds: float = Field(default=30.0, gt=0)
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    site_id: str = Field(pattern=protocol.SITE_ID_PATTERN)
+    state_dir: Path = Path("/var/lib/edgefleet")
+    trust_dir: Path = Path("/etc/edgefleet/trust")
+    inbox_dir: Path | None = None  # default: <state_dir>/inbox
+    #: None: in-cluster config if present, else the default kubeconfig.
+    kubeconfig: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    http: HttpConfig = HttpConfig()
+    install: InstallConfig = InstallConfig()
+    degradation: DegradationConfig = DegradationConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
+    link: LinkConfig = LinkConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment overrides the YAML file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @property
+    def inbox(self) -> Path:
+        return self.inbox_dir or self.state_dir / "inbox"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.snapshots.directory or self.state_dir / "snapshots"
+
+
+def load(path: Path, **overrides: Any) -> AgentConfig:
+    """Load and validate the config file; raise :class:`ConfigError` with one clear line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: config must be a mapping of fields, got {type(doc).__name__}")
+    doc.update(overrides)
+    try:
+        return AgentConfig(**doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{path}: {field}: {first['msg']}{more}") from None

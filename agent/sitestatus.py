@@ -1,0 +1,55 @@
+"""Compose the site's :class:`~agent.protocol.Status` from what each module persisted.
+
+Each module keeps its own part of the site's state in the store's key-value table, so that
+the daemon, ``edgefleet-agent status`` (a separate process) and the link all see the same
+thing, and a restarted agent reports what it knew before the restart:
+
+* ``site.install``     installer: ``bundle``, ``install_state``, ``components``
+* ``site.degradation`` degradation: ``state``, ``reason``, ``nodes``, ``scaled_down``
+* ``site.snapshot``    snapshots: a :class:`~agent.protocol.SnapshotInfo` as a dict
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import outbox, protocol
+from agent.state import StateStore
+
+INSTALL_KEY = "site.install"
+DEGRADATION_KEY = "site.degradation"
+SNAPSHOT_KEY = "site.snapshot"
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    AGENT_VERSION = _dist_version("edgefleet")
+except Exception:  # pragma: no cover - running from a source tree without metadata
+    AGENT_VERSION = "0+unknown"
+
+
+def parts(store: StateStore) -> dict[str, Any]:
+    return {
+        "install": store.get(INSTALL_KEY, {}) or {},
+        "degradation": store.get(DEGRADATION_KEY, {}) or {},
+        "snapshot": store.get(SNAPSHOT_KEY),
+    }
+
+
+def build(store: StateStore, *, site: str, interval_seconds: float, seq: int | None = None) -> protocol.Status:
+    p = parts(store)
+    install, degradation = p["install"], p["degradation"]
+    return protocol.Status(
+        site=site,
+        seq=outbox.next_seq(store) if seq is None else seq,
+        state=protocol.SiteState(degradation.get("state", protocol.SiteState.GREEN.value)),
+        state_reason=degradation.get("reason", ""),
+        bundle=install.get("bundle"),
+        install_state=install.get("install_state", "idle"),
+        components=install.get("components", []),
+        nodes=degradation.get("nodes", []),
+        scaled_down=degradation.get("scaled_down", []),
+        snapshot=p["snapshot"],
+        agent_version=AGENT_VERSION,
+        interval_seconds=interval_seconds,
+    )

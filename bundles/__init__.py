@@ -1,0 +1,1 @@
+"""Signed offline bundles: format, trust root, build, sign, verify and safe staging."""

@@ -61,10 +61,49 @@ class SnapshotConfig(_Section):
 
 
 class LinkConfig(_Section):
+    """The MQTT link to the hub (agent/link.py, agent/commands.py; see docs/protocol.md)."""
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
+    #: mTLS: the fleet CA that signed the broker's certificate, and this site's client certificate and key.
+    #: With ``tls_ca`` unset the link is plain TCP (tests and labs only; production brokers require mTLS).
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Check that the broker certificate names ``host`` (leave on outside labs).
+    tls_check_hostname: bool = True
+    #: MQTT client id; default ``edgefleet-<site_id>``. Must be stable: the broker keeps the session under it.
+    client_id: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600)
+    #: How long the broker keeps this site's session (subscription + queued commands) while it is offline.
+    #: MQTT 5 only; with 3.1.1 the broker's ``persistent_client_expiration`` decides.
+    session_expiry_seconds: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    #: Reconnect backoff: full jitter, uniform in [0, min(max, min * 2**attempt)].
+    backoff_min_seconds: float = Field(default=1.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0)
+    #: Seconds to wait for a PUBACK before treating the connection as broken.
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Outbox drain rate (token bucket), so a fleet coming back after an outage does not flood the hub.
+    replay_rate_per_second: float = Field(default=20.0, gt=0)
+    replay_burst: int = Field(default=50, ge=1)
+    #: QoS 1 publishes in flight at once while draining the outbox.
+    max_inflight: int = Field(default=10, ge=1, le=1000)
+    #: Outbox bounds; beyond them the oldest events are dropped and reported (``outbox.overflow``).
+    outbox_max_messages: int = Field(default=100_000, ge=10)
+    outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    outbox_max_age_seconds: float = Field(default=30 * 24 * 3600.0, gt=0)
     status_interval_seconds: float = Field(default=30.0, gt=0)
+    #: Status interval while the site is Red (limp-home): less telemetry on a struggling node.
+    limp_status_interval_seconds: float = Field(default=120.0, gt=0)
+    #: Commands: tolerated clock difference between hub and site, and the longest validity a command may claim.
+    command_clock_skew_seconds: float = Field(default=300.0, ge=0)
+    command_max_lifetime_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: ``install-bundle``: largest bundle the agent downloads, and the CA for an https hub (default: system CAs).
+    fetch_max_bytes: int = Field(default=16 * 1024**3, ge=1024)
+    fetch_timeout_seconds: float = Field(default=3600.0, gt=0)
+    fetch_ca: Path | None = None
 
 
 class AgentConfig(BaseSettings):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent import protocol
@@ -53,11 +53,58 @@ class DegradationConfig(_Section):
 
 
 class SnapshotConfig(_Section):
+    """etcd snapshots (see docs/runbooks/etcd-restore.md). Binaries left unset are searched on PATH."""
+
     enabled: bool = True
+    #: Cron expression (5 fields), evaluated in ``timezone``.
     schedule: str = "0 */6 * * *"
+    timezone: str = "UTC"
     backend: Literal["etcdctl", "k3s"] = "etcdctl"
+    #: Which distribution's etcd: picks the endpoint and client certificates (``custom``: set them all).
     preset: Literal["k3s", "kubeadm", "custom"] = "k3s"
+    endpoint: str | None = None
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    etcdctl: Path | None = None
+    etcdutl: Path | None = None
+    k3s: Path | None = None
     directory: Path | None = None  # default: <state_dir>/snapshots
+    #: Our own limit on every external command (``etcdctl snapshot save`` can hang forever).
+    timeout_seconds: float = Field(default=600.0, gt=0)
+    compress: bool = True
+    zstd_level: int = Field(default=3, ge=1, le=19)
+    #: Retention: keep the newest N and/or nothing older than this; the newest verified one is always kept.
+    keep: int | None = Field(default=14, ge=1)
+    max_age_days: float | None = Field(default=None, gt=0)
+    #: Disk guard: refuse when free space would drop below this, or below twice the last snapshot's size.
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    #: Delay before the catch-up snapshot after a start that missed a scheduled time (lets etcd come up).
+    catchup_delay_seconds: float = Field(default=60.0, ge=0)
+    retry_initial_seconds: float = Field(default=30.0, gt=0)
+    retry_max_seconds: float = Field(default=1800.0, gt=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger  # noqa: PLC0415 - keep config import light
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        import zoneinfo  # noqa: PLC0415
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class LinkConfig(_Section):

@@ -1,0 +1,472 @@
+"""Kubernetes access for the agent: one way in, real client code paths, a small generic surface.
+
+``async with kube.connect(kubeconfig) as api:`` yields a kubernetes-asyncio ``ApiClient`` set up
+exactly as against a real cluster (bearer token, client certificates, CA, exec plugins), from,
+in order: the given kubeconfig file; the in-cluster service account when running in a pod; the
+default kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``); k3s' ``/etc/rancher/k3s/k3s.yaml``.
+
+Everything the agent does in a cluster is generic (objects come from bundles as dicts), so this
+module works on plain dicts by ``apiVersion``/``kind``: :func:`apply` (server-side apply),
+:func:`get`, :func:`list_objects`, :func:`patch`, :func:`delete`, resolving the REST path through
+API discovery (cached per client, re-fetched for a group-version when a kind is missing from it,
+which is what happens right after a CRD becomes Established).
+
+Memory (see docs/operations.md, "Memory"): ``kubernetes_asyncio/__init__.py`` and
+``kubernetes_asyncio/client/__init__.py`` import every generated API and model (~1000 modules,
+tens of MiB). The agent never uses them, so before importing anything from kubernetes-asyncio this
+module registers those two packages (and ``client.models``) as *lazy* packages: their submodules
+(``api_client``, ``configuration``, ``rest``, ``exceptions``, ``config.*``) import normally, and
+the original ``__init__`` runs only if some code asks the package for a name it does not have yet
+(e.g. ``kubernetes_asyncio.client.CoreV1Api`` in a test), so nothing breaks for such code; it only
+pays the cost. Agent modules must therefore import kubernetes-asyncio only through this module.
+
+Errors: :class:`KubeUnavailable` when the API server cannot be reached (connection refused, TLS
+failure, timeout, 502/503/504); :class:`NotFound`, :class:`Conflict` and :class:`KubeError` for API
+answers; :class:`UnknownKind` when discovery has no such apiVersion/kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import ssl
+import sys
+import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+_PUBLIC_DUNDERS = {"__all__", "__version__", "__project__"}
+
+
+def _lazy_package(name: str, **preset: Any) -> None:
+    """Register package ``name`` without running its ``__init__`` until a missing name is asked for."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    locations = list(spec.submodule_search_locations)
+    loaded = False
+
+    def __getattr__(attr: str) -> Any:  # PEP 562: called only for names the module lacks
+        nonlocal loaded
+        if loaded or (attr.startswith("__") and attr not in _PUBLIC_DUNDERS):  # probes like __wrapped__
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+        if any(Path(loc, attr).is_dir() or Path(loc, f"{attr}.py").is_file() for loc in locations):
+            return importlib.import_module(f"{name}.{attr}")  # a submodule: import just that
+        loaded = True
+        loader.exec_module(module)  # the real __init__, into this very module object
+        return getattr(module, attr)
+
+    module.__getattr__ = __getattr__  # type: ignore[method-assign]
+    vars(module).update(preset)
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+
+
+# The top-level __init__ only imports its subpackages and names its version: do that lazily without
+# ever running it (running it from inside a subpackage import would be a circular import).
+_lazy_package(
+    "kubernetes_asyncio",
+    __project__="kubernetes_asyncio",
+    __version__=importlib.metadata.version("kubernetes_asyncio"),
+    __all__=["client", "config", "dynamic", "stream", "utils", "watch"],
+)
+_lazy_package("kubernetes_asyncio.client")
+_lazy_package("kubernetes_asyncio.client.models")
+
+import aiohttp  # noqa: E402
+from kubernetes_asyncio.client import api_client as _api_client  # noqa: E402
+from kubernetes_asyncio.client import configuration as _configuration  # noqa: E402
+from kubernetes_asyncio.client import exceptions as _exceptions  # noqa: E402
+
+_client_pkg = sys.modules["kubernetes_asyncio.client"]
+# kubernetes_asyncio.config does `from kubernetes_asyncio.client import ApiClient, Configuration`.
+for _attr, _value in (("ApiClient", _api_client.ApiClient), ("Configuration", _configuration.Configuration)):
+    if _attr not in vars(_client_pkg):
+        setattr(_client_pkg, _attr, _value)
+
+from kubernetes_asyncio.config import incluster_config as _incluster  # noqa: E402
+from kubernetes_asyncio.config import kube_config as _kube_config  # noqa: E402
+from kubernetes_asyncio.config.config_exception import ConfigException  # noqa: E402
+
+ApiClient = _api_client.ApiClient
+Configuration = _configuration.Configuration
+ApiException = _exceptions.ApiException
+
+FIELD_MANAGER = "edgefleet"
+K3S_KUBECONFIG = Path("/etc/rancher/k3s/k3s.yaml")
+#: Per-request timeout; a hung API server must not hang a task forever.
+REQUEST_TIMEOUT_SECONDS = 30.0
+_UNAVAILABLE_STATUSES = {502, 503, 504}
+
+#: ``time.monotonic()`` of the last successful answer from any API server (for ``/readyz``).
+last_contact: float | None = None
+
+
+class KubeError(Exception):
+    """An API answer other than success. ``status`` is the HTTP status, ``reason`` the Status reason."""
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached or is not serving (the cluster, not the request, is the problem)."""
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    pass
+
+
+class UnknownKind(KubeError):
+    """Discovery does not know this apiVersion/kind (yet: a CRD may not be Established)."""
+
+
+class KubeConfigError(KubeError):
+    """No usable kubeconfig / in-cluster credentials."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Where objects of one apiVersion/kind live in the REST API."""
+
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool
+
+    def path(self, *, namespace: str | None = None, name: str | None = None) -> str:
+        base = f"/api/{self.api_version}" if "/" not in self.api_version else f"/apis/{self.api_version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{quote(name, safe='')}"
+        return base
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get(_incluster.SERVICE_HOST_ENV_NAME)) and Path(_incluster.SERVICE_TOKEN_FILENAME).is_file()
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file()
+
+
+def _default_kubeconfig() -> Path:
+    default = Path(os.path.expanduser(_kube_config.KUBE_CONFIG_DEFAULT_LOCATION.split(os.pathsep)[0]))
+    return default if default.is_file() or not K3S_KUBECONFIG.is_file() else K3S_KUBECONFIG
+
+
+async def load_configuration(kubeconfig: Path | None) -> Any:
+    """Build a client ``Configuration`` (see the module docstring for the search order)."""
+    configuration = Configuration()
+    try:
+        if kubeconfig is None and _in_cluster():
+            _incluster.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            return configuration
+        if kubeconfig is None:
+            kubeconfig = _default_kubeconfig()
+        if not _is_file(kubeconfig):
+            raise KubeConfigError(f"kubeconfig {kubeconfig} does not exist")
+        await _kube_config.load_kube_config(
+            config_file=str(kubeconfig), client_configuration=configuration, persist_config=False
+        )
+    except ConfigException as exc:
+        raise KubeConfigError(f"kubeconfig {kubeconfig}: {exc}") from None
+    return configuration
+
+
+@asynccontextmanager
+async def connect(kubeconfig: Path | None) -> AsyncIterator[Any]:
+    """Yield a kubernetes-asyncio ``ApiClient``; its HTTP session is closed on exit."""
+    configuration = await load_configuration(kubeconfig)
+    api = ApiClient(configuration=configuration)
+    try:
+        yield api
+    finally:
+        _discoveries.pop(api, None)
+        await api.close()
+
+
+# --------------------------------------------------------------------------- raw requests
+
+
+def _error_from(exc: Any) -> KubeError:
+    status = int(getattr(exc, "status", 0) or 0)
+    body = getattr(exc, "body", None)
+    message, reason = str(getattr(exc, "reason", "") or "error"), ""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str) and body:
+        try:
+            doc = json.loads(body)
+            message = str(doc.get("message") or message)
+            reason = str(doc.get("reason") or "")
+        except (ValueError, AttributeError):
+            message = body[:300]
+    if status in _UNAVAILABLE_STATUSES or status == 0:
+        return KubeUnavailable(f"API server unavailable: {status} {message}", status=status, reason=reason)
+    cls = {404: NotFound, 409: Conflict}.get(status, KubeError)
+    return cls(f"{status} {message}", status=status, reason=reason)
+
+
+async def request(
+    api: Any,
+    method: str,
+    path: str,
+    *,
+    query: dict[str, Any] | None = None,
+    body: Any = None,
+    content_type: str | None = None,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+) -> Any:
+    """One API request through the client's own auth and transport; returns the decoded JSON (or None)."""
+    global last_contact
+    headers = {"Accept": "application/json"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    query_params = [(k, v) for k, v in (query or {}).items() if v is not None]
+    try:
+        result = await api.call_api(
+            path,
+            method,
+            query_params=query_params,
+            header_params=headers,
+            body=body,
+            response_types_map={200: "object", 201: "object", 202: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _request_timeout=timeout,
+        )
+    except ApiException as exc:
+        if int(getattr(exc, "status", 0) or 0) not in _UNAVAILABLE_STATUSES | {0}:
+            last_contact = time.monotonic()  # it answered, just not what we wanted
+        raise _error_from(exc) from None
+    except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
+        raise KubeUnavailable(f"API server unreachable: {type(exc).__name__}: {exc}") from None
+    last_contact = time.monotonic()
+    return result
+
+
+async def ping(api: Any) -> dict[str, Any]:
+    """``GET /version``: cheap proof that the API server answers."""
+    result = await request(api, "GET", "/version")
+    return result if isinstance(result, dict) else {}
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+class _Discovery:
+    def __init__(self) -> None:
+        self.by_gv: dict[str, dict[str, Resource]] = {}
+        self.lock = asyncio.Lock()
+
+    async def fetch(self, api: Any, api_version: str) -> dict[str, Resource]:
+        path = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        try:
+            doc = await request(api, "GET", path)
+        except NotFound:
+            doc = {}
+        kinds: dict[str, Resource] = {}
+        for entry in (doc or {}).get("resources", []):
+            name = str(entry.get("name", ""))
+            if not name or "/" in name:  # subresources (status, scale, ...)
+                continue
+            kinds[str(entry["kind"])] = Resource(
+                api_version=api_version, kind=str(entry["kind"]), plural=name, namespaced=bool(entry.get("namespaced"))
+            )
+        self.by_gv[api_version] = kinds
+        return kinds
+
+
+_discoveries: weakref.WeakKeyDictionary[Any, _Discovery] = weakref.WeakKeyDictionary()
+
+
+async def resource_for(api: Any, api_version: str, kind: str) -> Resource:
+    """Resolve apiVersion/kind to its REST resource; a miss re-fetches that group-version once."""
+    discovery = _discoveries.setdefault(api, _Discovery())
+    async with discovery.lock:
+        kinds = discovery.by_gv.get(api_version)
+        if kinds is None or kind not in kinds:
+            kinds = await discovery.fetch(api, api_version)
+    if kind not in kinds:
+        raise UnknownKind(f"the API server does not serve {kind} in {api_version}", status=404, reason="NotFound")
+    return kinds[kind]
+
+
+def forget(api: Any, api_version: str | None = None) -> None:
+    """Drop cached discovery (of one group-version, or all), e.g. after CRDs were removed."""
+    discovery = _discoveries.get(api)
+    if discovery is None:
+        return
+    if api_version is None:
+        discovery.by_gv.clear()
+    else:
+        discovery.by_gv.pop(api_version, None)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def _namespace_of(resource: Resource, namespace: str | None) -> str | None:
+    if not resource.namespaced:
+        return None
+    return namespace or "default"
+
+
+async def apply(
+    api: Any, obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, force: bool = True, dry_run: bool = False
+) -> dict[str, Any]:
+    """Server-side apply ``obj`` (a full manifest dict); returns the live object the server answered with."""
+    meta = obj.get("metadata") or {}
+    if not obj.get("apiVersion") or not obj.get("kind") or not meta.get("name"):
+        raise ValueError("object needs apiVersion, kind and metadata.name to be applied")
+    resource = await resource_for(api, str(obj["apiVersion"]), str(obj["kind"]))
+    path = resource.path(namespace=_namespace_of(resource, meta.get("namespace")), name=str(meta["name"]))
+    query: dict[str, Any] = {"fieldManager": field_manager, "force": "true" if force else None}
+    if dry_run:
+        query["dryRun"] = "All"
+    result = await request(api, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
+    return result if isinstance(result, dict) else {}
+
+
+async def get(
+    api: Any, api_version: str, kind: str, name: str, *, namespace: str | None = None
+) -> dict[str, Any] | None:
+    """The live object, or None if it does not exist."""
+    resource = await resource_for(api, api_version, kind)
+    try:
+        result = await request(api, "GET", resource.path(namespace=_namespace_of(resource, namespace), name=name))
+    except NotFound:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+async def list_objects(
+    api: Any,
+    api_version: str,
+    kind: str,
+    *,
+    namespace: str | None = None,
+    label_selector: str | None = None,
+    field_selector: str | None = None,
+) -> list[dict[str, Any]]:
+    """All objects of a kind (in ``namespace``, or cluster-wide when None), following ``continue`` pages."""
+    resource = await resource_for(api, api_version, kind)
+    path = resource.path(namespace=namespace if resource.namespaced else None)
+    items: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        query = {"labelSelector": label_selector, "fieldSelector": field_selector, "limit": 500, "continue": token}
+        doc = await request(api, "GET", path, query=query) or {}
+        for item in doc.get("items") or []:
+            item.setdefault("apiVersion", api_version)  # list items omit them
+            item.setdefault("kind", kind)
+            items.append(item)
+        token = (doc.get("metadata") or {}).get("continue") or None
+        if not token:
+            return items
+
+
+async def patch(
+    api: Any,
+    api_version: str,
+    kind: str,
+    name: str,
+    body: Any,
+    *,
+    namespace: str | None = None,
+    patch_type: str = "merge",
+    field_manager: str = FIELD_MANAGER,
+    subresource: str | None = None,
+) -> dict[str, Any]:
+    """PATCH with ``patch_type`` ``merge`` (RFC 7386), ``json`` (RFC 6902) or ``strategic``."""
+    content_type = {
+        "merge": "application/merge-patch+json",
+        "json": "application/json-patch+json",
+        "strategic": "application/strategic-merge-patch+json",
+    }[patch_type]
+    resource = await resource_for(api, api_version, kind)
+    path = resource.path(namespace=_namespace_of(resource, namespace), name=name)
+    if subresource:
+        path += f"/{subresource}"
+    result = await request(
+        api, "PATCH", path, query={"fieldManager": field_manager}, body=body, content_type=content_type
+    )
+    return result if isinstance(result, dict) else {}
+
+
+async def delete(
+    api: Any,
+    api_version: str,
+    kind: str,
+    name: str,
+    *,
+    namespace: str | None = None,
+    propagation: str = "Background",
+) -> bool:
+    """Delete an object; False if it was already gone (deleting is idempotent for the callers)."""
+    resource = await resource_for(api, api_version, kind)
+    path = resource.path(namespace=_namespace_of(resource, namespace), name=name)
+    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+    try:
+        await request(api, "DELETE", path, body=body)
+    except NotFound:
+        return False
+    return True
+
+
+def is_lazy() -> bool:
+    """True while the generated API/model packages have not been imported (for tests and docs)."""
+    return not {"kubernetes_asyncio.client.api", "kubernetes_asyncio.client.models.v1_pod"} & set(sys.modules)
+
+
+__all__ = [
+    "FIELD_MANAGER",
+    "ApiClient",
+    "ApiException",
+    "Configuration",
+    "Conflict",
+    "KubeConfigError",
+    "KubeError",
+    "KubeUnavailable",
+    "NotFound",
+    "Resource",
+    "UnknownKind",
+    "apply",
+    "connect",
+    "delete",
+    "forget",
+    "get",
+    "is_lazy",
+    "list_objects",
+    "patch",
+    "ping",
+    "request",
+    "resource_for",
+]

@@ -29,8 +29,30 @@ class _Section(BaseModel):
 
 
 class HttpConfig(_Section):
+    """Local health and metrics endpoint (agent/http.py). Keep it on loopback: it is unauthenticated."""
+
+    enabled: bool = True
     host: str = "127.0.0.1"
+    #: 0 picks a free port (tests); the chosen port is logged and stored under ``daemon.http``.
     port: int = Field(default=9477, ge=0, le=65535)
+
+
+class DaemonConfig(_Section):
+    """Task supervision and lifecycle of ``edgefleet-agent run`` (agent/daemon.py)."""
+
+    #: Restart backoff of a crashed task: doubles from ``initial`` up to ``max``, with +-20 % jitter.
+    restart_initial_seconds: float = Field(default=1.0, gt=0)
+    restart_max_seconds: float = Field(default=60.0, gt=0)
+    #: A task that ran this long before crashing starts its backoff over.
+    restart_reset_seconds: float = Field(default=300.0, gt=0)
+    #: On SIGTERM, how long tasks get to finish after being cancelled (keep below systemd's TimeoutStopSec).
+    drain_seconds: float = Field(default=10.0, ge=0)
+    #: How often the daemon asks the API server for /version (feeds /readyz and ``kube_up``).
+    kube_probe_interval_seconds: float = Field(default=15.0, gt=0)
+    #: /readyz fails when the last successful API answer is older than this.
+    kube_contact_max_age_seconds: float = Field(default=60.0, gt=0)
+    #: How often STATUS= (systemd) and the derived metrics are refreshed.
+    status_interval_seconds: float = Field(default=10.0, gt=0)
 
 
 class InstallConfig(_Section):
@@ -166,6 +188,7 @@ class AgentConfig(BaseSettings):
     kubeconfig: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     http: HttpConfig = HttpConfig()
+    daemon: DaemonConfig = DaemonConfig()
     install: InstallConfig = InstallConfig()
     degradation: DegradationConfig = DegradationConfig()
     snapshots: SnapshotConfig = SnapshotConfig()

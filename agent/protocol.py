@@ -34,7 +34,11 @@ MAX_EVENT_BYTES = 64 * 1024
 MAX_COMMAND_BYTES = 32 * 1024
 MAX_REPLY_BYTES = 64 * 1024
 MAX_ONLINE_BYTES = 1024
+#: A command travels as a DSSE envelope: base64 payload (4/3 of MAX_COMMAND_BYTES) plus signatures.
+MAX_COMMAND_ENVELOPE_BYTES = 64 * 1024
 COMMAND_PAYLOAD_TYPE = "application/vnd.edgefleet.command+json; version=1"
+#: Where the agent looks for the hub's command key (PEM Ed25519 public key) inside ``trust_dir``.
+HUB_COMMAND_KEY_FILE = "hub-command.pub"
 
 SITE_ID_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _SITE_RE = re.compile(SITE_ID_PATTERN)
@@ -52,7 +56,7 @@ MAX_BYTES: dict[Channel, int] = {
     Channel.STATUS: MAX_STATUS_BYTES,
     Channel.EVENTS: MAX_EVENT_BYTES,
     Channel.ONLINE: MAX_ONLINE_BYTES,
-    Channel.COMMANDS: MAX_COMMAND_BYTES,
+    Channel.COMMANDS: MAX_COMMAND_ENVELOPE_BYTES,  # the envelope; its payload is capped at MAX_COMMAND_BYTES
     Channel.REPLIES: MAX_REPLY_BYTES,
 }
 
@@ -314,3 +318,14 @@ def parse_command_payload(payload: bytes) -> Command:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "command"
         raise Malformed(f"command: {where}: {first['msg']}") from None
+
+
+def sign_command(command: Command, *, key: Any) -> bytes:
+    """The wire form of a command: a DSSE envelope over :meth:`Command.to_bytes`, signed by the
+    hub's command key (an Ed25519 private key). What the hub publishes on ``commands``."""
+    from bundles import dsse  # local: parsing site messages on the hub must not need the crypto stack loaded
+
+    payload = command.to_bytes()
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise Oversized(f"command of {len(payload)} bytes exceeds the {MAX_COMMAND_BYTES}-byte cap")
+    return dsse.sign(payload_type=COMMAND_PAYLOAD_TYPE, payload=payload, keys=[key]).to_json()

@@ -17,7 +17,9 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 def _registrars() -> list[Registrar]:
     # Imported here so `edgefleet-agent --help` stays cheap and one broken module is loud.
-    registrars: list[Registrar] = []
+    from agent import daemon, status_cli
+
+    registrars: list[Registrar] = [daemon.add_commands, status_cli.add_commands]
     return registrars
 
 

@@ -43,7 +43,7 @@ import structlog
 from pydantic_settings import SettingsError
 
 from agent import config as agent_config
-from agent import exitcodes, httpd, kube, logs, metrics, outbox, protocol, sdnotify, sitestatus
+from agent import exitcodes, httpd, kube, logs, metrics, outbox, protocol, sdnotify, sitestatus, snapshots
 from agent.context import AgentContext
 from agent.state import StateStore
 
@@ -92,12 +92,14 @@ async def kube_probe(ctx: AgentContext) -> None:
 #: Modules add their ``setup(store)`` here.
 MIGRATIONS: list[Callable[[StateStore], None]] = [
     outbox.setup,
+    snapshots.setup,
 ]
 
 #: The daemon's tasks, each ``async def run(ctx) -> None``, started in this order.
 #: Modules add their entry here (installer, degradation, snapshots, link).
 TASKS: list[tuple[str, Task]] = [
     ("kube-probe", kube_probe),
+    ("snapshots", snapshots.run),
 ]
 
 

@@ -72,6 +72,7 @@ SNAPSHOT_LAST_SUCCESS = Gauge(
     "edgefleet_agent_snapshot_last_success_timestamp_seconds", "Unix time of the newest good etcd snapshot"
 )
 SNAPSHOT_FAILURES = Gauge("edgefleet_agent_snapshot_consecutive_failures", "Snapshot failures since the last success")
+SNAPSHOT_SIZE = Gauge("edgefleet_agent_snapshot_size_bytes", "Size on disk of the newest good etcd snapshot (0: none)")
 SNAPSHOTS = Counter("edgefleet_agent_snapshots_total", "Snapshot attempts, by result", ["result"])
 # --- link
 LINK_CONNECTED = Gauge("edgefleet_agent_link_connected", "1 while the MQTT link to the hub is up")
@@ -144,3 +145,4 @@ def refresh(store: StateStore, *, now: float | None = None) -> None:
     SNAPSHOT_AGE.set(now - last if last is not None else -1)
     SNAPSHOT_LAST_SUCCESS.set(last or 0)
     SNAPSHOT_FAILURES.set(int((snapshot or {}).get("failures") or 0))
+    SNAPSHOT_SIZE.set(int((snapshot or {}).get("size_bytes") or 0))

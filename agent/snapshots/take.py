@@ -1,0 +1,332 @@
+"""One snapshot, start to finish, so that every crash point leaves a defined state.
+
+    guard disk → backend writes <name>.db.part → fsync → verify (+ compress to <name>.db.zst.part,
+    fsync) → rename to the final name → fsync the directory → catalog row → retention
+
+A crash before the rename leaves only ``*.part`` files, removed at the next start. A crash
+between the rename and the catalog row leaves a complete, verified file without a row, which
+:func:`reconcile` re-verifies and adopts. Retention runs only after a new snapshot is safely
+recorded, and never removes the newest verified one.
+
+Single flight: one snapshot at a time per snapshot directory, across processes (the daemon and
+``edgefleet-agent snapshot now``), through an ``flock`` on ``<dir>/.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from agent import metrics, protocol
+from agent.context import AgentContext
+from agent.snapshots import backends, binaries, catalog, status, verify
+
+log = structlog.get_logger("edgefleet.snapshots")
+
+FreeBytes = Callable[[Path], int]
+NAME_RE = re.compile(r"^etcd-(\d{8}T\d{6})\.(\d{3})Z\.db(\.zst)?$")
+LOCK_NAME = ".lock"
+
+
+class Refused(Exception):
+    """The disk guard said no; nothing was written."""
+
+
+class Busy(Exception):
+    """Another snapshot holds the lock and did not finish in time."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    kind: str  # "succeeded" | "failed" | "refused"
+    message: str
+    entry: catalog.Entry | None = None
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def snapshot_name(at: datetime, *, compressed: bool) -> str:
+    at = at.astimezone(UTC)
+    return f"etcd-{at:%Y%m%dT%H%M%S}.{at.microsecond // 1000:03d}Z.db" + (verify.ZST_SUFFIX if compressed else "")
+
+
+def taken_from_name(name: str) -> datetime | None:
+    match = NAME_RE.match(name)
+    if not match:
+        return None
+    base = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return base + timedelta(milliseconds=int(match.group(2)))
+
+
+@contextlib.asynccontextmanager
+async def locked(directory: Path, *, wait: float | None) -> AsyncIterator[None]:
+    """Hold the directory's snapshot lock; poll so the event loop stays free while waiting."""
+    fd = _open_lock(directory)
+    try:
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Busy(f"another snapshot is running in {directory}") from None
+                await asyncio.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _open_lock(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _guard(ctx: AgentContext, directory: Path, free_bytes: FreeBytes) -> None:
+    cfg = ctx.config.snapshots
+    free = free_bytes(directory)
+    newest = next(iter(catalog.entries(ctx.store)), None)
+    last_size = newest.size if newest else 0
+    if free < cfg.min_free_bytes:
+        raise Refused(f"only {_human(free)} free in {directory}, below the {_human(cfg.min_free_bytes)} threshold")
+    if free < 2 * last_size:
+        raise Refused(f"only {_human(free)} free in {directory}, below twice the last snapshot ({_human(last_size)})")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _etcdutl(ctx: AgentContext) -> Path:
+    try:
+        return binaries.find("etcdutl", explicit=ctx.config.snapshots.etcdutl)
+    except binaries.BinaryNotFound as exc:
+        raise verify.VerificationFailed(f"cannot verify: {exc}") from None
+
+
+async def _take_locked(
+    ctx: AgentContext, *, trigger: str, directory: Path, free_bytes: FreeBytes, now: datetime
+) -> catalog.Entry:
+    cfg = ctx.config.snapshots
+    _guard(ctx, directory, free_bytes)
+    etcdutl = _etcdutl(ctx)  # before taking anything: an unverifiable snapshot is a failure anyway
+    name = snapshot_name(now, compressed=cfg.compress)
+    raw_name = name.removesuffix(verify.ZST_SUFFIX)
+    raw_part = directory / f"{raw_name}.part"
+    final = directory / name
+    zst_part = directory / f"{name}.part" if cfg.compress else None
+    started = time.monotonic()
+    try:
+        await backends.save(cfg, raw_part)
+        if not raw_part.is_file():
+            raise backends.BackendError(f"{cfg.backend}: reported success but wrote no file")
+        await asyncio.to_thread(verify.fsync_path, raw_part)
+        etcd_status, digest = await verify.verify_raw(
+            raw_part, etcdutl=etcdutl, timeout=cfg.timeout_seconds, compress_to=zst_part, level=cfg.zstd_level
+        )
+        os.replace(zst_part or raw_part, final)
+        fsync_dir(directory)
+    finally:
+        for leftover in (raw_part, zst_part):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+    entry = catalog.Entry(
+        name=name,
+        path=final,
+        taken=now,
+        duration=time.monotonic() - started,
+        backend=cfg.backend,
+        trigger=trigger,
+        revision=etcd_status.revision,
+        total_keys=etcd_status.total_keys,
+        etcd_hash=etcd_status.etcd_hash,
+        size=digest.size,
+        sha256=digest.sha256,
+        file_size=digest.file_size,
+        file_sha256=digest.file_sha256,
+        compressed=cfg.compress,
+        verified=True,
+        verified_at=datetime.now(UTC),
+    )
+    catalog.add(ctx.store, entry)
+    return entry
+
+
+def apply_retention(ctx: AgentContext, *, now: datetime) -> list[catalog.Entry]:
+    cfg = ctx.config.snapshots
+    max_age = timedelta(days=cfg.max_age_days) if cfg.max_age_days is not None else None
+    doomed = catalog.expired(catalog.entries(ctx.store), keep=cfg.keep, max_age=max_age, now=now)
+    for entry in doomed:
+        entry.path.unlink(missing_ok=True)
+        catalog.remove(ctx.store, entry.name)
+        log.info("snapshot removed by retention", name=entry.name, taken=entry.taken.isoformat())
+    if doomed:
+        fsync_dir(ctx.config.snapshot_dir)
+    return doomed
+
+
+async def take(
+    ctx: AgentContext,
+    *,
+    trigger: str,
+    free_bytes: FreeBytes = disk_free,
+    now: datetime | None = None,
+    lock_wait: float | None = None,
+) -> Outcome:
+    """Take, verify, record and report one snapshot. Never raises for snapshot problems.
+
+    Every outcome becomes an event (``snapshot.succeeded``/``failed``/``refused``) and updates
+    ``site.snapshot``; the caller decides about retries.
+    """
+    catalog.setup(ctx.store)
+    cfg = ctx.config.snapshots
+    directory = ctx.config.snapshot_dir
+    started = now or datetime.now(UTC)
+    try:
+        async with locked(directory, wait=lock_wait):
+            entry = await _take_locked(ctx, trigger=trigger, directory=directory, free_bytes=free_bytes, now=started)
+            removed = apply_retention(ctx, now=started)
+    except Refused as exc:
+        return _fail(ctx, kind="refused", message=str(exc), trigger=trigger, at=started)
+    except (backends.BackendError, verify.VerificationFailed, Busy) as exc:
+        return _fail(ctx, kind="failed", message=str(exc), trigger=trigger, at=started)
+    except OSError as exc:  # ENOSPC mid-write, permissions, a vanished directory
+        return _fail(
+            ctx,
+            kind="failed",
+            message=f"{exc.strerror or exc}: {exc.filename or directory}",
+            trigger=trigger,
+            at=started,
+        )
+    status.record_success(ctx.store, at=started)
+    metrics.SNAPSHOTS.labels("succeeded").inc()
+    status.publish(ctx.store, cfg)
+    ctx.emit(
+        "snapshot.succeeded",
+        f"etcd snapshot {entry.name} taken and verified (revision {entry.revision}, {_human(entry.file_size)})",
+        data={
+            "name": entry.name,
+            "trigger": trigger,
+            "backend": entry.backend,
+            "revision": entry.revision,
+            "keys": entry.total_keys,
+            "size_bytes": entry.size,
+            "file_bytes": entry.file_size,
+            "sha256": entry.sha256,
+            "duration_seconds": round(entry.duration, 3),
+            "removed": [e.name for e in removed],
+        },
+    )
+    ctx.report_now.set()
+    return Outcome(ok=True, kind="succeeded", message=f"{entry.name} verified", entry=entry)
+
+
+def _fail(ctx: AgentContext, *, kind: str, message: str, trigger: str, at: datetime) -> Outcome:
+    consecutive = status.record_failure(ctx.store, reason=message, at=at)
+    metrics.SNAPSHOTS.labels(kind).inc()
+    status.publish(ctx.store, ctx.config.snapshots)
+    severity = protocol.Severity.WARNING if kind == "refused" else protocol.Severity.ERROR
+    verb = "refused" if kind == "refused" else "failed"
+    ctx.emit(
+        f"snapshot.{kind}",
+        f"etcd snapshot {verb}: {message}",
+        severity=severity,
+        data={"trigger": trigger, "reason": message[:500], "consecutive_failures": consecutive},
+    )
+    ctx.report_now.set()
+    return Outcome(ok=False, kind=kind, message=message)
+
+
+async def reconcile(ctx: AgentContext, *, lock_wait: float | None = None) -> None:
+    """Settle the directory and the catalog after a crash or manual meddling (under the lock)."""
+    catalog.setup(ctx.store)
+    directory = ctx.config.snapshot_dir
+    async with locked(directory, wait=lock_wait):
+        for path in directory.iterdir():
+            if path.name.endswith(".part") or path.name.startswith((".verify-", ".k3s-")):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                log.info("removed leftover of an interrupted snapshot", path=str(path))
+        known = {e.name: e for e in catalog.entries(ctx.store)}
+        for entry in known.values():
+            if not entry.path.is_file():
+                catalog.remove(ctx.store, entry.name)
+                log.warning("snapshot file missing; dropped from the catalog", name=entry.name, path=str(entry.path))
+        for path in sorted(directory.iterdir()):
+            taken = taken_from_name(path.name)
+            if taken is None or path.name in known or not path.is_file():
+                continue
+            await _adopt(ctx, path, taken)
+
+
+async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
+    cfg = ctx.config.snapshots
+    try:
+        etcd_status, digest = await verify.verify_stored(
+            path, etcdutl=_etcdutl(ctx), timeout=cfg.timeout_seconds, expected_sha256=None
+        )
+    except verify.VerificationFailed as exc:
+        log.warning("unrecorded snapshot file fails verification; left in place", path=str(path), error=str(exc))
+        return
+    compressed = path.name.endswith(verify.ZST_SUFFIX)
+    file_size, file_sha256 = await asyncio.to_thread(_size_and_sha256, path)
+    catalog.add(
+        ctx.store,
+        catalog.Entry(
+            name=path.name,
+            path=path,
+            taken=taken,
+            duration=0.0,
+            backend="unknown",
+            trigger="adopted",
+            revision=etcd_status.revision,
+            total_keys=etcd_status.total_keys,
+            etcd_hash=etcd_status.etcd_hash,
+            size=digest.size,
+            sha256=digest.sha256,
+            file_size=file_size,
+            file_sha256=file_sha256,
+            compressed=compressed,
+            verified=True,
+            verified_at=datetime.now(UTC),
+        ),
+    )
+    log.info("adopted a verified snapshot file the catalog did not know", name=path.name)
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    with open(path, "rb") as fh:
+        return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()

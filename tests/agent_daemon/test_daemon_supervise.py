@@ -1,0 +1,121 @@
+"""Task supervision: a crashing task is restarted with backoff and reported; the daemon survives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+from daemon_helpers import write_config
+from prometheus_client import REGISTRY
+
+from agent import config as agent_config
+from agent import daemon
+from agent.context import AgentContext
+from agent.state import StateStore
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    rng = random.Random(7)
+    delays = [daemon.backoff_delay(n, initial=1.0, maximum=30.0, rng=rng) for n in range(10)]
+    for n, delay in enumerate(delays):
+        nominal = min(30.0, 2.0**n)
+        assert nominal * 0.8 <= delay <= min(30.0, nominal * 1.2)
+    assert max(delays) <= 30.0
+    assert len({round(d, 6) for d in delays[6:]}) > 1, "capped delays still carry jitter"
+    assert daemon.backoff_delay(10_000, initial=1.0, maximum=5.0) <= 5.0
+
+
+def _events(store: StateStore, type_: str) -> list[dict[str, object]]:
+    rows = store.db.execute("SELECT payload FROM outbox WHERE channel='events' ORDER BY id").fetchall()
+    docs = [json.loads(bytes(r["payload"])) for r in rows]
+    return [d for d in docs if d["type"] == type_]
+
+
+async def test_crashing_task_restarts_with_backoff_and_daemon_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crashes = 0
+    healthy_ticks = 0
+    stop = asyncio.Event()
+
+    async def crasher(ctx: AgentContext) -> None:
+        nonlocal crashes
+        crashes += 1
+        raise RuntimeError(f"boom {crashes}")
+
+    async def steady(ctx: AgentContext) -> None:
+        nonlocal healthy_ticks
+        while True:
+            healthy_ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def finishes(ctx: AgentContext) -> None:
+        return None
+
+    monkeypatch.setattr(daemon, "TASKS", [("crasher", crasher), ("steady", steady), ("oneshot", finishes)])
+    config = agent_config.load(
+        write_config(tmp_path, daemon={"restart_initial_seconds": 0.05, "restart_max_seconds": 0.4})
+    )
+    before = REGISTRY.get_sample_value("edgefleet_agent_task_restarts_total", {"task": "crasher"}) or 0.0
+
+    async def stop_after_crashes() -> None:
+        while crashes < 6:
+            await asyncio.sleep(0.02)
+        stop.set()
+
+    stopper = asyncio.create_task(stop_after_crashes())
+    code = await asyncio.wait_for(daemon.serve(config, stop=stop), timeout=60)
+    await stopper
+    assert code == 0
+    assert healthy_ticks > 10, "the healthy task kept running while the other crashed"
+
+    after = REGISTRY.get_sample_value("edgefleet_agent_task_restarts_total", {"task": "crasher"}) or 0.0
+    assert after - before >= 5
+
+    store = StateStore.open(config.state_dir)
+    try:
+        crashed = _events(store, "agent.task-crashed")
+        assert len(crashed) >= 5
+        assert all(e["data"]["task"] == "crasher" and e["severity"] == "error" for e in crashed)
+        assert "RuntimeError: boom 1" in crashed[0]["summary"]
+        delays = [float(e["data"]["restart_in"]) for e in crashed]
+        assert delays[0] <= 0.05 * 1.2
+        assert delays[3] >= min(0.4, 0.05 * 8) * 0.8, "the delay grows exponentially"
+        assert max(delays) <= 0.4, "backoff is capped"
+        assert all(b >= a * 0.8 / 1.2 - 1e-9 for a, b in zip(delays, delays[1:], strict=False)), delays
+        state = store.get(daemon.STATE_KEY)
+        assert state["tasks"]["crasher"]["restarts"] >= 5
+        assert state["tasks"]["oneshot"]["finished"] is True
+        assert state["stopping"] is True
+        assert len(_events(store, "agent.started")) == 1 and len(_events(store, "agent.stopped")) == 1
+    finally:
+        store.close()
+
+
+async def test_drain_is_bounded_when_a_task_ignores_cancellation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stubborn(ctx: AgentContext) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            await release.wait()  # keeps running after cancel: the daemon must not wait forever
+            raise
+
+    monkeypatch.setattr(daemon, "TASKS", [("stubborn", stubborn)])
+    config = agent_config.load(write_config(tmp_path, daemon={"drain_seconds": 0.3}))
+    stop = asyncio.Event()
+    server = asyncio.create_task(daemon.serve(config, stop=stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    code = await asyncio.wait_for(server, timeout=20)
+    assert code == 0 and cancelled.is_set()
+    release.set()
+    await asyncio.sleep(0)

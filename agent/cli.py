@@ -17,9 +17,12 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 def _registrars() -> list[Registrar]:
     # Imported here so `edgefleet-agent --help` stays cheap and one broken module is loud.
-    from agent import daemon, snapshots, status_cli
+    from agent import daemon, installer, intake, snapshots, status_cli
 
-    registrars: list[Registrar] = [daemon.add_commands, status_cli.add_commands, snapshots.add_commands]
+    registrars: list[Registrar] = [
+        daemon.add_commands, status_cli.add_commands, snapshots.add_commands, intake.add_commands,
+        installer.add_commands,
+    ]
     return registrars
 
 

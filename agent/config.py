@@ -61,6 +61,10 @@ class InstallConfig(_Section):
     #: Health-gate timeout for components whose bundle entry names none.
     default_gate_timeout_seconds: float = Field(default=300.0, gt=0)
     drift_interval_seconds: float = Field(default=60.0, gt=0)
+    #: How often the committed bundle's component health is re-evaluated (one LIST per workload kind).
+    health_interval_seconds: float = Field(default=15.0, gt=0)
+    #: How often the daemon looks into the inbox for new bundle files (a stat of one directory).
+    inbox_poll_seconds: float = Field(default=5.0, gt=0)
     image_loader: Literal["none", "k3s-airgap", "registry"] = "none"
 
 

@@ -1,0 +1,147 @@
+"""Container images of a bundle: record what each component runs, load archives when shipped.
+
+An air-gapped site cannot pull, so a bundle may carry image archives (``payload/images/*.tar``
+or ``*.tar.zst``, OCI or docker-archive). A loader makes them available to the container
+runtime *before* the components that need them are applied. The interface is one async
+function, so a registry loader (a later issue) slots in next to these:
+
+* ``none``: records the image references only (the sim; sites with a reachable registry);
+* ``k3s-airgap``: copies archives into k3s' air-gap directory
+  (``/var/lib/rancher/k3s/agent/images``, picked up by k3s at start) and, when ``k3s`` or
+  ``ctr`` is on PATH, imports them into containerd's ``k8s.io`` namespace right away.
+
+Copies are atomic (temp file + rename), and an archive already present with the same size is
+not copied again, so a resumed install does not redo gigabytes of work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.context import AgentContext
+from agent.install import model
+
+log = structlog.get_logger("edgefleet.images")
+
+K3S_IMAGES_DIR = Path("/var/lib/rancher/k3s/agent/images")
+ARCHIVE_SUFFIXES = (".tar", ".tar.zst", ".tar.gz")
+
+Loader = Callable[[list[Path]], Awaitable[list[str]]]
+
+
+class ImageLoadError(Exception):
+    pass
+
+
+def archives(spec: model.Spec) -> list[Path]:
+    if not spec.images_dir:
+        return []
+    root = Path(spec.images_dir)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+
+
+def references(spec: model.Spec) -> dict[str, list[str]]:
+    """component → image references: the manifest's list, else what the pod specs name."""
+    out: dict[str, list[str]] = {}
+    for unit in spec.units:
+        refs = set(unit.images)
+        if not refs:
+            for obj in unit.objects:
+                refs.update(_pod_images(obj))
+        out[unit.name] = sorted(refs)
+    return out
+
+
+def _pod_images(obj: dict[str, Any]) -> set[str]:
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers", "ephemeralContainers"):
+                for container in node.get(key) or []:
+                    if isinstance(container, dict) and isinstance(container.get("image"), str):
+                        found.add(container["image"])
+            for value in node.values():
+                if isinstance(value, dict | list):
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(obj.get("spec") or {})
+    return found
+
+
+async def load_none(paths: list[Path]) -> list[str]:
+    return []
+
+
+def k3s_airgap(target: Path = K3S_IMAGES_DIR) -> Loader:
+    async def load(paths: list[Path]) -> list[str]:
+        loaded = []
+        for path in paths:
+            dest = await asyncio.to_thread(_copy, path, target)
+            await _import(dest)
+            loaded.append(path.name)
+        return loaded
+
+    return load
+
+
+def _copy(path: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    dest = target / path.name
+    if dest.exists() and dest.stat().st_size == path.stat().st_size:
+        return dest
+    tmp = target / f".{path.name}.edgefleet-tmp"
+    try:
+        shutil.copyfile(path, tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImageLoadError(f"cannot copy {path.name} to {target}: {exc.strerror}") from None
+    return dest
+
+
+async def _import(archive: Path) -> None:
+    if archive.name.endswith((".zst", ".gz")):
+        return  # ctr imports plain tars only; k3s decompresses these itself at start
+    if shutil.which("k3s"):
+        cmd = ["k3s", "ctr", "-n", "k8s.io", "images", "import", str(archive)]
+    elif shutil.which("ctr"):
+        cmd = ["ctr", "-n", "k8s.io", "images", "import", str(archive)]
+    else:
+        return
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise ImageLoadError(f"{' '.join(cmd[:-1])} {archive.name} failed: {err.decode(errors='replace')[-300:]}")
+
+
+def loader_for(name: str) -> Loader:
+    if name == "none":
+        return load_none
+    if name == "k3s-airgap":
+        return k3s_airgap()
+    raise ImageLoadError(f"install.image_loader {name!r} is not available in this agent version")
+
+
+async def load_for(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:
+    """Record the bundle's image references (``images.<bundle>`` in the store) and load its archives."""
+    refs = references(spec)
+    ctx.store.put(f"images.{spec.label}", refs)
+    found = archives(spec)
+    loaded = await loader_for(ctx.config.install.image_loader)(found) if found else []
+    if loaded:
+        log.info("image archives loaded", bundle=spec.label, count=len(loaded))
+    return {"references": sum(len(v) for v in refs.values()), "archives": len(found), "loaded": len(loaded)}

@@ -1,0 +1,184 @@
+"""Putting objects into the cluster and taking them out, with the retry rules of the engine.
+
+* Server-side apply, field manager ``edgefleet``, ``force=true``: the bundle is the source of
+  truth for every field it sets; fields other managers own (the degradation controller's
+  replica count, controllers' status) are left alone.
+* Within a component: Namespaces and CRDs first, then CRDs must be Established before the
+  rest (their custom resources among it); the rest goes out concurrently (it has no order the
+  API server enforces), webhooks and APIServices last so they do not intercept our own writes.
+* An unreachable API server is waited out (backoff, no deadline): failing the run would start
+  a rollback that cannot reach the cluster either. A kind the server does not know yet is
+  retried until the component's deadline (a CRD from an earlier step may still be settling).
+  Any other refusal (422 Invalid, 403, ...) fails the component at once: retrying cannot fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import structlog
+
+from agent import kube
+from agent.install import gates, journal, model, render
+
+log = structlog.get_logger("edgefleet.install")
+
+T = TypeVar("T")
+OBJECT_CONCURRENCY = 8
+MAX_BACKOFF = 10.0
+PROTECTED_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease", model.SYSTEM_NAMESPACE})
+_LATE_KINDS = ("APIService", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+
+
+class ApplyFailed(Exception):
+    """An object was refused for good; the message names it."""
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, what: str, deadline: float) -> T:
+    delay = 0.2
+    while True:
+        try:
+            return await call()
+        except kube.KubeUnavailable as exc:
+            log.warning("API server unavailable, retrying", what=what, error=str(exc))
+        except kube.UnknownKind as exc:
+            # Discovery is re-fetched by kube.resource_for on a miss, so just try again.
+            if time.monotonic() >= deadline:
+                raise ApplyFailed(f"{what}: {exc}") from None
+        except kube.KubeError as exc:
+            raise ApplyFailed(f"{what}: {exc}") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dict[str, Any]:
+    """Apply one rendered object, keeping a degraded workload's live replica count."""
+    ref = model.Ref.of(obj)
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") in ("Deployment", "StatefulSet", "ReplicaSet"):
+        live = await retrying(
+            lambda: kube.get(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
+                             namespace=meta.get("namespace")),
+            what=str(ref), deadline=deadline,
+        )
+        obj = render.keep_live_replicas(obj, live)
+    return await retrying(lambda: kube.apply(api, obj), what=str(ref), deadline=deadline)
+
+
+async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> None:
+        async with sem:
+            await fn(item)
+
+    async with asyncio.TaskGroup() as group:
+        for item in items:
+            group.create_task(one(item))
+
+
+async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) -> int:
+    """Apply a component's objects in the order described in the module docstring."""
+    objects = sorted(unit.objects, key=render.order_key)
+    first = [o for o in objects if o.get("kind") in ("Namespace", "CustomResourceDefinition")]
+    late = [o for o in objects if o.get("kind") in _LATE_KINDS]
+    rest = [o for o in objects if o not in first and o not in late]
+    count = 0
+
+    async def one(obj: dict[str, Any]) -> None:
+        nonlocal count
+        await apply_object(api, obj, deadline=deadline)
+        count += 1
+        journal.failpoint(f"{step}#{count}")
+
+    for obj in first:  # few, and namespaces must exist before anything lands in them
+        await one(obj)
+    crds = [o for o in first if o.get("kind") == "CustomResourceDefinition"]
+    if crds:
+        try:
+            await gates.wait(api, gates.implied_checks(crds), timeout=max(1.0, deadline - time.monotonic()))
+        except gates.GateFailed as exc:
+            raise ApplyFailed(f"CRDs of {unit.name} not Established: {exc}") from None
+        for obj in crds:
+            kube.forget(api, _served_version(obj))
+    try:
+        await gather_bounded(rest, one, limit=OBJECT_CONCURRENCY)
+        await gather_bounded(late, one, limit=OBJECT_CONCURRENCY)
+    except* ApplyFailed as group:
+        raise group.exceptions[0] from None
+    return count
+
+
+def _served_version(crd: dict[str, Any]) -> str | None:
+    spec = crd.get("spec") or {}
+    versions = [v.get("name") for v in spec.get("versions") or [] if v.get("served", True)]
+    return f"{spec.get('group')}/{versions[0]}" if versions else None
+
+
+def delete_order(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reverse apply order: custom resources and workloads before CRDs and Namespaces."""
+    return sorted(objects, key=render.order_key, reverse=True)
+
+
+async def delete_object(api: Any, obj: dict[str, Any]) -> bool:
+    meta = obj.get("metadata") or {}
+    ref = model.Ref.of(obj)
+    if obj.get("kind") == "Namespace" and meta.get("name") in PROTECTED_NAMESPACES:
+        return False
+    try:
+        return await retrying(
+            lambda: kube.delete(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
+                                namespace=meta.get("namespace")),
+            what=f"delete {ref}", deadline=time.monotonic(),
+        )
+    except ApplyFailed as exc:
+        if "does not serve" in str(exc):  # its CRD is gone: so is the object
+            return False
+        raise
+
+
+async def retain_object(api: Any, obj: dict[str, Any], *, bundle_label: str) -> None:
+    """Hand a data-bearing object (Namespace, CRD) over to the operator instead of deleting it.
+
+    A merge patch (not an apply) drops our labels, so a later apply by us would not remove
+    fields; the object keeps working and is found with ``-l edgefleet.io/retained-from``.
+    """
+    meta = obj.get("metadata") or {}
+    body = {
+        "metadata": {
+            "labels": {
+                model.LABEL_MANAGED_BY: None,
+                model.LABEL_BUNDLE: None,
+                model.LABEL_COMPONENT: None,
+                model.LABEL_LAYER: None,
+                model.LABEL_TIER: None,
+                model.LABEL_RETAINED: bundle_label,
+            }
+        }
+    }
+
+    async def call() -> dict[str, Any] | None:
+        try:
+            return await kube.patch(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]), body,
+                                    namespace=meta.get("namespace"), field_manager="edgefleet-prune")
+        except kube.NotFound:
+            return None
+
+    await retrying(call, what=f"retain {model.Ref.of(obj)}", deadline=time.monotonic())
+
+
+async def exists(api: Any, obj: dict[str, Any]) -> bool:
+    meta = obj.get("metadata") or {}
+
+    async def call() -> bool:
+        try:
+            live = await kube.get(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
+                                  namespace=meta.get("namespace"))
+        except kube.UnknownKind:
+            return False
+        return live is not None
+
+    return await retrying(call, what=f"get {model.Ref.of(obj)}", deadline=time.monotonic() + 30)

@@ -1,0 +1,249 @@
+"""Bundle intake: a file (CLI, hub download, inbox) → verified, staged, queued for install.
+
+Nothing from a bundle is used before :func:`bundles.verify.verify_and_stage` accepted every
+byte against the site's trust root (``<trust_dir>/root.json``) and the anti-rollback
+high-water mark (release, created) of the last *committed* bundle. A rejected bundle changes
+nothing but the outbox (a ``bundle.rejected`` event saying why) and, for inbox files, where
+the file lies (``inbox/rejected/`` next to a ``.reason`` file).
+
+A version marked bad (its install was rolled back) is refused from the inbox, so a USB stick
+left plugged in does not loop install → rollback; an explicit import (CLI, hub command)
+clears the mark and tries again.
+
+Inbox: regular files directly in ``config.inbox`` whose size has not changed for
+:data:`SETTLE_SECONDS` (still being copied otherwise); names starting with ``.`` or ending in
+``.part``/``.tmp`` are ignored. Each processed file is moved, never deleted, to
+``inbox/done/`` or ``inbox/rejected/`` (a timestamp prefix keeps names unique).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import exitcodes, installer, metrics, protocol
+from agent.context import AgentContext
+from agent.install import journal
+from bundles import errors, trust, verify
+
+log = structlog.get_logger("edgefleet.intake")
+
+SETTLE_SECONDS = 2.0
+_IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+
+class MarkedBad(errors.BundleError):
+    """The bundle's version failed before and was rolled back; re-import it explicitly to retry."""
+
+    reason = "marked-bad"
+    exit_code = exitcodes.BUNDLE_REJECTED
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    bundle: str
+    bundle_id: str
+    release: int
+    run_id: int
+    cleared_bad: bool = False
+
+
+def store_dir(ctx: AgentContext) -> Path:
+    return ctx.config.state_dir / "bundles"
+
+
+def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
+    root = trust.load_root(ctx.config.trust_dir / "root.json")
+    release, created = journal.highwater(ctx.store)
+    return verify.verify_and_stage(
+        path, root=root, store_dir=store_dir(ctx), min_release=release,
+        min_created=datetime.fromisoformat(created) if created else None,
+    )
+
+
+def _reject(ctx: AgentContext, path: Path, exc: errors.BundleError) -> None:
+    metrics.BUNDLES_REJECTED.labels(exc.reason).inc()
+    ctx.emit("bundle.rejected", f"bundle {path.name} rejected: {exc.message}", severity=protocol.Severity.ERROR,
+             data={"file": path.name, "reason": exc.reason, "error": exc.message})
+
+
+async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool = True) -> ImportResult:
+    """Verify and stage ``path``, then queue its install. Raises ``bundles.errors.BundleError`` if refused.
+
+    The hub's ``install-bundle`` command and ``edgefleet-agent bundle import`` call this with
+    ``explicit=True``; the inbox with ``explicit=False`` (see the module docstring).
+    """
+    path = Path(path)
+    journal.setup(ctx.store)
+    existed = {p.name for p in store_dir(ctx).iterdir()} if store_dir(ctx).is_dir() else set()
+    try:
+        staged = await asyncio.to_thread(_verify, ctx, path)
+    except errors.BundleError as exc:
+        _reject(ctx, path, exc)
+        raise
+    manifest = staged.manifest
+    rec = journal.BundleRecord(
+        bundle_id=staged.bundle_id, bundle=f"{manifest.name}-{manifest.version}", name=manifest.name,
+        version=manifest.version, release=manifest.release, created=manifest.created.isoformat(),
+        path=str(staged.path), manifest=(staged.path / "manifest.json").read_text(encoding="utf-8"),
+    )
+    bad = journal.bad_reason(ctx.store, rec.bundle)
+    cleared = False
+    if bad is not None:
+        if not explicit:
+            if staged.path.name not in existed:
+                shutil.rmtree(staged.path, ignore_errors=True)
+            error = MarkedBad(f"{rec.bundle} was rolled back before ({bad}); import it explicitly to retry")
+            _reject(ctx, path, error)
+            raise error
+        journal.clear_bad(ctx.store, rec.bundle)
+        cleared = True
+        ctx.emit("install.bad_cleared", f"{rec.bundle} re-imported: its bad mark is cleared",
+                 data={"bundle": rec.bundle})
+    if staged.root_rotated and staged.root_envelope:
+        try:
+            trust.save_root(ctx.config.trust_dir / "root.json", staged.root_envelope)
+        except (OSError, errors.BundleError) as exc:
+            log.warning("could not persist the rotated trust root", error=str(exc))
+    with ctx.store.transaction():
+        journal.record_bundle(ctx.store, rec)
+        run = journal.new_run(ctx.store, rec)
+    ctx.emit("bundle.accepted", f"bundle {rec.bundle} verified and queued for install",
+             data={"bundle": rec.bundle, "bundle_id": rec.bundle_id, "release": rec.release,
+                   "signers": sorted(staged.signers)})
+    installer.publish(ctx)
+    return ImportResult(bundle=rec.bundle, bundle_id=rec.bundle_id, release=rec.release, run_id=run.id,
+                        cleared_bad=cleared)
+
+
+def _settled(path: Path, now: float) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return now - st.st_mtime >= SETTLE_SECONDS
+
+
+def _move(path: Path, folder: str) -> Path:
+    dest_dir = path.parent / folder
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{path.name}"
+    n = 1
+    while dest.exists():
+        dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{n}-{path.name}"
+        n += 1
+    os.replace(path, dest)
+    return dest
+
+
+async def import_inbox(ctx: AgentContext) -> list[tuple[Path, ImportResult | errors.BundleError]]:
+    """Process every settled file in the inbox (oldest first); returns what happened to each."""
+    inbox = ctx.config.inbox
+    if not inbox.is_dir():
+        return []
+    now = time.time()
+    files = sorted(
+        (p for p in inbox.iterdir() if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+         and not p.name.endswith(_IGNORED_SUFFIXES) and _settled(p, now)),
+        key=lambda p: p.stat().st_mtime,
+    )
+    out: list[tuple[Path, ImportResult | errors.BundleError]] = []
+    if not files:
+        return out
+    with installer.exclusive(ctx.config.state_dir, name="inbox.lock", wait=True):
+        for path in files:
+            if path.exists():  # another process (the .path unit's, the daemon's) may have taken it
+                out.append(await _import_file(ctx, path))
+    return out
+
+
+async def _import_file(ctx: AgentContext, path: Path) -> tuple[Path, ImportResult | errors.BundleError]:
+    try:
+        result = await import_bundle(ctx, path, explicit=False)
+    except errors.BundleError as exc:
+        dest = _move(path, "rejected")
+        dest.with_name(dest.name + ".reason").write_text(f"{exc.reason}: {exc.message}\n", encoding="utf-8")
+        return dest, exc
+    return _move(path, "done"), result
+
+
+async def rollback(ctx: AgentContext) -> dict[str, Any]:
+    """Hub command ``rollback``: queue a re-install of the last good bundle (the installer runs it)."""
+    run = installer.queue_rollback(ctx)
+    return {"bundle": run.bundle, "run_id": run.id}
+
+
+async def clear_bad_version(ctx: AgentContext, version: str) -> dict[str, Any]:
+    """Hub command ``clear-bad-version``: ``version`` is ``<bundle name>-<version>``."""
+    journal.setup(ctx.store)
+    cleared = journal.clear_bad(ctx.store, version)
+    if cleared:
+        ctx.emit("install.bad_cleared", f"{version} may be installed again", data={"bundle": version})
+        installer.publish(ctx)
+    return {"bundle": version, "cleared": cleared}
+
+
+def status(ctx: AgentContext) -> dict[str, Any]:
+    """The current install state, for the hub and operators (see :func:`agent.installer.report`)."""
+    return installer.report(ctx.store)
+
+
+async def run(ctx: AgentContext) -> None:
+    """Daemon task: watch the inbox (a directory poll: cheap, and works on any filesystem)."""
+    journal.setup(ctx.store)
+    await asyncio.to_thread(verify.cleanup_stale, store_dir(ctx))
+    while True:
+        for path, result in await import_inbox(ctx):
+            log.info("inbox file processed", file=path.name, result=getattr(result, "bundle", None) or str(result))
+        await asyncio.sleep(ctx.config.install.inbox_poll_seconds)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def _cmd_import(ctx: AgentContext, args: argparse.Namespace) -> int:
+    try:
+        result = asyncio.run(import_bundle(ctx, Path(args.file)))
+    except errors.BundleError as exc:
+        print(f"edgefleet-agent: {args.file}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    note = " (its bad mark was cleared)" if result.cleared_bad else ""
+    print(f"{result.bundle} verified and queued for install{note}")
+    return asyncio.run(installer.drive(ctx)) if args.wait else exitcodes.OK
+
+
+def _cmd_import_inbox(ctx: AgentContext, args: argparse.Namespace) -> int:
+    results = asyncio.run(import_inbox(ctx))
+    code = exitcodes.OK
+    for path, result in results:
+        if isinstance(result, errors.BundleError):
+            print(f"{path.name}: rejected: {result.message}", file=sys.stderr)
+            code = result.exit_code
+        else:
+            print(f"{path.name}: {result.bundle} queued for install")
+    if args.wait and any(not isinstance(r, errors.BundleError) for _, r in results):
+        waited = asyncio.run(installer.drive(ctx))
+        code = code or waited
+    return code
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("bundle", help="import signed bundles (verify, stage, queue the install)")
+    sub = parser.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    p = sub.add_parser("import", help="verify a bundle file and queue its install")
+    p.add_argument("file")
+    p.add_argument("--wait", action="store_true", help="install it in this process and wait for the result")
+    p.set_defaults(func=installer.cli_command(_cmd_import))
+    p = sub.add_parser("import-inbox", help="import every bundle file waiting in the inbox (the .path unit runs this)")
+    p.add_argument("--wait", action="store_true", help="install in this process and wait for the result")
+    p.set_defaults(func=installer.cli_command(_cmd_import_inbox))

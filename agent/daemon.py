@@ -43,8 +43,22 @@ import structlog
 from pydantic_settings import SettingsError
 
 from agent import config as agent_config
-from agent import exitcodes, httpd, kube, logs, metrics, outbox, protocol, sdnotify, sitestatus, snapshots
+from agent import (
+    exitcodes,
+    httpd,
+    installer,
+    intake,
+    kube,
+    logs,
+    metrics,
+    outbox,
+    protocol,
+    sdnotify,
+    sitestatus,
+    snapshots,
+)
 from agent.context import AgentContext
+from agent.install import journal as install_journal
 from agent.state import StateStore
 
 log = structlog.get_logger("edgefleet.daemon")
@@ -93,6 +107,7 @@ async def kube_probe(ctx: AgentContext) -> None:
 MIGRATIONS: list[Callable[[StateStore], None]] = [
     outbox.setup,
     snapshots.setup,
+    install_journal.setup,
 ]
 
 #: The daemon's tasks, each ``async def run(ctx) -> None``, started in this order.
@@ -100,6 +115,8 @@ MIGRATIONS: list[Callable[[StateStore], None]] = [
 TASKS: list[tuple[str, Task]] = [
     ("kube-probe", kube_probe),
     ("snapshots", snapshots.run),
+    ("installer", installer.run),
+    ("intake", intake.run),
 ]
 
 

@@ -68,7 +68,8 @@ def _write(path: Path, data: bytes, *, mode: int, force: bool) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(encoding, fmt, serialization.NoEncryption())
 
 
 def _now() -> dt.datetime:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 
 import aiomqtt
 import pytest
+from link_harness import HUB, PKI, Broker, Collector, collect, load_fleetca, mqtt_client, running, tls_context
 
 from agent import protocol
-
-from link_harness import HUB, PKI, Broker, Collector, collect, load_fleetca, mqtt_client, running, tls_context
 
 
 def _event(site: str, seq: int, summary: str) -> bytes:
@@ -80,7 +80,7 @@ async def test_hub_identity_reads_all_sites_and_writes_commands(broker: Broker) 
     assert sorted(e.site for e in collector.events()) == ["site-a", "site-b"]
 
 
-async def test_client_without_fleet_certificate_is_refused(broker: Broker, pki: PKI, tmp_path) -> None:
+async def test_client_without_fleet_certificate_is_refused(broker: Broker, pki: PKI, tmp_path: Path) -> None:
     anonymous = ssl.create_default_context(cafile=str(pki.ca))
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=anonymous, timeout=5):
@@ -110,7 +110,7 @@ async def test_site_cannot_take_over_another_sites_session(broker: Broker) -> No
     assert "site-b" in broker.log()
 
 
-def test_fleetca_refuses_bad_identities(tmp_path) -> None:
+def test_fleetca_refuses_bad_identities(tmp_path: Path) -> None:
     fleetca = load_fleetca()
     fleetca.init_ca(tmp_path / "ca")
     for cn, kind in [("Site_A", "site"), ("hub", "hub"), ("a.edgefleet", "site"), ("x" * 64, "site")]:

@@ -76,6 +76,16 @@ class DegradationConfig(_Section):
     recover_dwell_seconds: float = Field(default=60.0, ge=0)
     #: Delay between restoring one tier and the next.
     restore_stagger_seconds: float = Field(default=10.0, ge=0)
+    #: A node whose Lease was not renewed for this long counts as down (kubelets renew every 10 s;
+    #: Kubernetes itself waits 40 s before NotReady). Measured on the agent's clock.
+    lease_timeout_seconds: float = Field(default=20.0, gt=0)
+    #: Re-evaluation period; Node/Lease watch events wake the controller earlier.
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    #: Force-delete tier 2-4 pods on nodes the agent considers lost, instead of letting them sit
+    #: there until Kubernetes evicts them (300 s), so their replacements start now.
+    evict_lost_pods: bool = True
+    #: Watch Nodes and Leases to react between polls.
+    watch: bool = True
 
 
 class SnapshotConfig(_Section):

@@ -1,0 +1,483 @@
+"""The degradation controller: observe nodes, plan, scale, restore; no hub needed.
+
+One loop (``run``), woken by Node/Lease watch events and at least every
+``poll_interval_seconds``. Each tick:
+
+1. Lists Nodes and the Leases in ``kube-node-lease``. A node is healthy when its Ready
+   condition is True *and* its lease was renewed within ``lease_timeout_seconds``: a dead
+   kubelet stops renewing at once, while Kubernetes marks the node NotReady only after 40 s
+   and evicts after 300 s. :mod:`~agent.degrade.tracker` applies the dwell times.
+2. With every node available and nothing scaled down, that is all (Green, cheap).
+3. Otherwise lists the tiered Deployments/StatefulSets and the pods, plans
+   (:mod:`~agent.degrade.planner`) and converges on the plan:
+
+   * **scale down** (only while capacity is lost), tier 4 before tier 3: journal row + event in
+     one DB transaction, then the ``edgefleet.io/original-replicas`` annotation, then the
+     ``scale`` subresource (field manager ``edgefleet-degradation``);
+   * **force-delete** tier 2-4 pods bound to lost nodes, so their controllers start
+     replacements now (a StatefulSet cannot recreate a pod name before the old pod is gone;
+     the kubelet that would confirm the deletion is dead). Tier 1 is never touched;
+   * **restore**, in reverse tier order (3 before 4), one tier per ``restore_stagger_seconds``,
+     up to what the plan says fits; at the original count the annotation and the row go.
+
+4. Persists ``site.degradation`` (state, reason, nodes, scaled_down) for ``edgefleet-agent
+   status``, the hub and ``/metrics``; every state change is an event (outbox: works offline);
+   Red sets ``ctx.limp_home``.
+
+API unreachable for ``degrade_dwell_seconds`` → Black: recorded and reported, nothing enforced,
+limp-home left as it was; the next successful tick resumes from the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent import kube, metrics, protocol, sitestatus
+from agent.context import AgentContext
+from agent.degrade import planner, records, tracker
+from agent.degrade.model import (
+    API_VERSIONS,
+    ORIGINAL_REPLICAS_ANNOTATION,
+    TIER_LABEL,
+    Node,
+    Resources,
+    Workload,
+    node_from,
+    node_ready,
+    pod_requests,
+    tier_of,
+    workload_from,
+)
+
+log = structlog.get_logger("edgefleet.degradation")
+
+FIELD_MANAGER = "edgefleet-degradation"
+LEASE_NAMESPACE = "kube-node-lease"
+TRACKER_KEY = "degradation.tracker"
+_SEVERITY = {
+    protocol.SiteState.GREEN: protocol.Severity.INFO,
+    protocol.SiteState.YELLOW: protocol.Severity.WARNING,
+    protocol.SiteState.RED: protocol.Severity.ERROR,
+    protocol.SiteState.BLACK: protocol.Severity.ERROR,
+}
+_TERMINAL_PHASES = ("Succeeded", "Failed")
+#: Shortest pause between two ticks however many watch events arrive.
+_MIN_TICK_SECONDS = 0.1
+
+
+@dataclass
+class Controller:
+    ctx: AgentContext
+    clock: Callable[[], float] = time.time
+    tracker: tracker.Tracker = field(default_factory=tracker.Tracker)
+    state: protocol.SiteState = protocol.SiteState.GREEN
+    reason: str = ""
+    state_since: float = 0.0
+    unreachable_since: float | None = None
+    last_restore: float = float("-inf")
+    deleted_pods: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, ctx: AgentContext, *, clock: Callable[[], float] = time.time) -> Controller:
+        records.setup(ctx.store)
+        saved = ctx.store.get(sitestatus.DEGRADATION_KEY, {}) or {}
+        try:
+            state = protocol.SiteState(saved.get("state", protocol.SiteState.GREEN.value))
+        except ValueError:
+            state = protocol.SiteState.GREEN
+        ctl = cls(
+            ctx=ctx,
+            clock=clock,
+            tracker=tracker.Tracker.from_json(ctx.store.get(TRACKER_KEY)),
+            state=state,
+            reason=str(saved.get("reason", "")),
+            state_since=float(saved.get("since") or clock()),
+        )
+        if state is protocol.SiteState.RED:
+            ctx.limp_home.set()
+        return ctl
+
+    @property
+    def cfg(self) -> Any:
+        return self.ctx.config.degradation
+
+    # ------------------------------------------------------------------ the tick
+
+    async def tick(self, api: Any) -> None:
+        now = self.clock()
+        try:
+            node_objs = await kube.list_objects(api, "v1", "Node")
+            leases = await kube.list_objects(api, "coordination.k8s.io/v1", "Lease", namespace=LEASE_NAMESPACE)
+        except kube.KubeUnavailable as exc:
+            self.unreachable(str(exc), now=now)
+            return
+        self.unreachable_since = None
+        renew = {
+            str((lease.get("metadata") or {}).get("name")): str((lease.get("spec") or {}).get("renewTime") or "")
+            for lease in leases
+        }
+        raw: dict[str, bool] = {}
+        for obj in node_objs:
+            name = str((obj.get("metadata") or {}).get("name", ""))
+            fresh = self.tracker.lease_fresh(
+                name, renew.get(name) or None, now=now, timeout=self.cfg.lease_timeout_seconds
+            )
+            raw[name] = node_ready(obj) and fresh is not False
+        changes = self.tracker.observe(
+            raw, now=now, degrade_dwell=self.cfg.degrade_dwell_seconds, recover_dwell=self.cfg.recover_dwell_seconds
+        )
+        self.ctx.store.put(TRACKER_KEY, self.tracker.to_json())
+        for name, available in changes:
+            log.info("node available" if available else "node lost", node=name)
+        nodes = [node_from(obj, available=self.tracker.available(n)) for obj in node_objs
+                 for n in [str((obj.get("metadata") or {}).get("name", ""))]]  # fmt: skip
+        journal = records.load(self.ctx.store)
+        if all(n.available for n in nodes) and not journal and nodes:
+            self.settle(protocol.SiteState.GREEN, "all nodes ready", nodes=nodes, workloads=[], journal={}, now=now)
+            return
+        await self.enforce(api, nodes=nodes, journal=journal, now=now)
+
+    async def enforce(
+        self, api: Any, *, nodes: list[Node], journal: dict[records.Key, records.Record], now: float
+    ) -> None:
+        workloads, pods = await self.observe_workloads(api, journal)
+        fixed = fixed_load(pods, nodes=nodes, workloads=workloads)
+        plan = planner.plan(nodes, workloads, fixed=fixed)
+        state, reason = tracker.classify(nodes, plan, workloads)
+        unplaced = [f"{k[0]}/{k[1]}/{k[2]} short by {v}" for k, v in plan.unplaced.items()]
+        if unplaced:
+            reason += f"; tiers 1-2 do not fit: {', '.join(unplaced[:5])}"
+        capacity_lost = any(not n.available for n in nodes)
+        by_key = {w.key: w for w in workloads}
+
+        # 1. Scale down, tier 4 first; only while capacity is lost.
+        if capacity_lost:
+            for w in sorted(workloads, key=lambda w: (-w.tier, w.key)):
+                target = plan.targets.get(w.key, w.desired)
+                if w.tier >= 3 and target < w.replicas:
+                    await self.scale_down(api, w, target=target, reason=reason, now=now)
+
+        # 2. Pods stuck on lost nodes: replacements now, not after Kubernetes' 300 s.
+        if self.cfg.evict_lost_pods:
+            await self.delete_lost_pods(api, pods, nodes=nodes)
+
+        # 3. Restore what fits again, tier 3 before tier 4, one tier per stagger interval.
+        await self.restore(api, by_key=by_key, journal=records.load(self.ctx.store), plan=plan, now=now)
+
+        self.settle(state, reason, nodes=nodes, workloads=workloads, journal=records.load(self.ctx.store), now=now)
+
+    # ------------------------------------------------------------------ observation
+
+    async def observe_workloads(
+        self, api: Any, journal: Mapping[records.Key, records.Record]
+    ) -> tuple[list[Workload], list[dict[str, Any]]]:
+        objs: list[dict[str, Any]] = []
+        for kind in ("Deployment", "StatefulSet"):
+            objs += await kube.list_objects(api, API_VERSIONS[kind], kind, label_selector=TIER_LABEL)
+        workloads = []
+        for obj in objs:
+            meta = obj.get("metadata") or {}
+            key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
+            record = journal.get(key)
+            w = workload_from(obj, original=record.original if record else None)
+            if w is not None:
+                workloads.append(w)
+        pods = await kube.list_objects(api, "v1", "Pod")
+        return workloads, pods
+
+    # ------------------------------------------------------------------ actions
+
+    async def scale_down(self, api: Any, w: Workload, *, target: int, reason: str, now: float) -> None:
+        original = w.desired
+        with self.ctx.store.transaction():  # the journal row and its event land together
+            records.save(self.ctx.store, key=w.key, tier=w.tier, original=original, target=target, reason=reason,
+                         now=now)  # fmt: skip
+            self.ctx.emit(
+                "degradation.scaled-down",
+                f"scaling tier-{w.tier} {w.ref} from {w.replicas} to {target} (original {original}): {reason}",
+                severity=protocol.Severity.WARNING,
+                data={"workload": w.ref, "tier": w.tier, "from": w.replicas, "to": target, "original": original},
+            )
+        if w.annotated_original != original:
+            await kube.patch(
+                api, API_VERSIONS[w.kind], w.kind, w.name,
+                {"metadata": {"annotations": {ORIGINAL_REPLICAS_ANNOTATION: str(original)}}},
+                namespace=w.namespace, field_manager=FIELD_MANAGER,
+            )  # fmt: skip
+        await self.scale(api, w, target)
+
+    async def scale(self, api: Any, w: Workload, replicas: int) -> None:
+        await kube.patch(
+            api, API_VERSIONS[w.kind], w.kind, w.name, {"spec": {"replicas": replicas}},
+            namespace=w.namespace, field_manager=FIELD_MANAGER, subresource="scale",
+        )  # fmt: skip
+
+    async def restore(
+        self,
+        api: Any,
+        *,
+        by_key: Mapping[records.Key, Workload],
+        journal: Mapping[records.Key, records.Record],
+        plan: planner.Plan,
+        now: float,
+    ) -> None:
+        ready: list[tuple[records.Record, Workload, int]] = []
+        for key, record in journal.items():
+            w = by_key.get(key)
+            if w is None:  # deleted (or untiered) meanwhile: nothing to restore, forget it
+                with self.ctx.store.transaction():
+                    records.forget(self.ctx.store, key)
+                    self.ctx.emit(
+                        "degradation.forgotten", f"{'/'.join(key)} is gone; dropping its scale-down record",
+                        data={"workload": "/".join(key), "original": record.original},
+                    )  # fmt: skip
+                continue
+            target = min(plan.targets.get(key, record.original), record.original)
+            if target > w.replicas or (target == record.original and target == w.replicas):
+                ready.append((record, w, target))
+        if not ready:
+            return
+        # Already-restored workloads (crash between scale-up and clean-up) finish right away.
+        done_already = [(r, w, t) for r, w, t in ready if t == w.replicas]
+        for record, w, _ in done_already:
+            await self.finish_restore(api, record, w)
+        growing = [(r, w, t) for r, w, t in ready if t > w.replicas]
+        if not growing or now - self.last_restore < self.cfg.restore_stagger_seconds:
+            return
+        tier = min(w.tier for _, w, _ in growing)  # 3 before 4
+        for record, w, target in growing:
+            if w.tier != tier:
+                continue
+            await self.scale(api, w, target)
+            self.ctx.emit(
+                "degradation.restored",
+                f"restoring tier-{w.tier} {w.ref} from {w.replicas} to {target} (original {record.original})",
+                data={"workload": w.ref, "tier": w.tier, "from": w.replicas, "to": target, "original": record.original},
+            )
+            if target == record.original:
+                await self.finish_restore(api, record, w)
+            else:
+                records.save(self.ctx.store, key=w.key, tier=w.tier, original=record.original, target=target,
+                             reason=record.reason, now=record.since)  # fmt: skip
+        self.last_restore = now
+
+    async def finish_restore(self, api: Any, record: records.Record, w: Workload) -> None:
+        if w.annotated_original is not None:
+            await kube.patch(
+                api, API_VERSIONS[w.kind], w.kind, w.name,
+                {"metadata": {"annotations": {ORIGINAL_REPLICAS_ANNOTATION: None}}},
+                namespace=w.namespace, field_manager=FIELD_MANAGER,
+            )  # fmt: skip
+        records.forget(self.ctx.store, record.key)
+
+    async def delete_lost_pods(self, api: Any, pods: list[dict[str, Any]], *, nodes: list[Node]) -> None:
+        lost = {n.name for n in nodes if not n.available and not self.tracker.marks[n.name].raw}
+        if not lost:
+            return
+        victims = []
+        for pod in pods:
+            meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+            uid = str(meta.get("uid") or meta.get("name"))
+            tier = tier_of(pod)
+            if spec.get("nodeName") not in lost or tier is None or tier < 2 or uid in self.deleted_pods:
+                continue
+            path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta.get('name')}"
+            body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": meta.get("uid")} if meta.get("uid") else None}  # fmt: skip
+            with contextlib.suppress(kube.NotFound, kube.Conflict):  # gone already, or a new pod by that name
+                await kube.request(api, "DELETE", path, body={k: v for k, v in body.items() if v is not None})
+            self.deleted_pods.add(uid)
+            victims.append(f"{meta.get('namespace')}/{meta.get('name')}")
+        if victims:
+            self.ctx.emit(
+                "degradation.pods-deleted",
+                f"force-deleted {len(victims)} tier 2-4 pods on lost nodes {', '.join(sorted(lost))} "
+                "so their replacements start now",
+                severity=protocol.Severity.WARNING,
+                data={"pods": victims[:50], "nodes": sorted(lost)},
+            )
+
+    # ------------------------------------------------------------------ state
+
+    def unreachable(self, error: str, *, now: float) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            log.warning("API server unreachable", error=error)
+        if self.state is protocol.SiteState.BLACK or now - self.unreachable_since < self.cfg.degrade_dwell_seconds:
+            return
+        saved = self.ctx.store.get(sitestatus.DEGRADATION_KEY, {}) or {}
+        self.transition(protocol.SiteState.BLACK, f"API server unreachable: {error[:300]}", now=now)
+        self.ctx.store.put(sitestatus.DEGRADATION_KEY, {**saved, "state": self.state.value, "reason": self.reason,
+                                                        "since": now})  # fmt: skip
+
+    def settle(
+        self,
+        state: protocol.SiteState,
+        reason: str,
+        *,
+        nodes: list[Node],
+        workloads: list[Workload],
+        journal: Mapping[records.Key, records.Record],
+        now: float,
+    ) -> None:
+        if state is not self.state:
+            self.transition(state, reason, now=now)
+        self.reason = reason
+        by_key = {w.key: w for w in workloads}
+        scaled = [
+            protocol.ScaledWorkload(
+                kind=r.kind, namespace=r.namespace, name=r.name, tier=r.tier, original_replicas=r.original,
+                replicas=by_key[r.key].replicas if r.key in by_key else r.target, reason=r.reason,
+            ).model_dump()
+            for r in sorted(journal.values(), key=lambda r: (r.tier, r.key))
+        ]  # fmt: skip
+        pending = self.tracker.pending(
+            now=now, degrade_dwell=self.cfg.degrade_dwell_seconds, recover_dwell=self.cfg.recover_dwell_seconds
+        )
+        doc = {
+            "state": self.state.value,
+            "reason": self.reason,
+            "since": self.state_since,
+            "nodes": [
+                protocol.NodeHealth(name=n.name, ready=n.available, control_plane=n.control_plane).model_dump()
+                for n in sorted(nodes, key=lambda n: (not n.control_plane, n.name))
+            ],
+            "scaled_down": scaled,
+            "pending": {k: round(v, 1) for k, v in sorted(pending.items())},
+            "limp_home": self.state is protocol.SiteState.RED,
+        }
+        if json.dumps(doc, sort_keys=True) != json.dumps(
+            self.ctx.store.get(sitestatus.DEGRADATION_KEY), sort_keys=True
+        ):
+            self.ctx.store.put(sitestatus.DEGRADATION_KEY, doc)
+
+    def transition(self, state: protocol.SiteState, reason: str, *, now: float) -> None:
+        previous = self.state
+        self.state, self.reason, self.state_since = state, reason, now
+        self.ctx.emit(
+            "degradation.transition",
+            f"site {previous.value} -> {state.value}: {reason}",
+            severity=_SEVERITY[state],
+            data={"from": previous.value, "to": state.value, "reason": reason},
+        )
+        metrics.TRANSITIONS.labels(previous.value, state.value).inc()
+        if state is protocol.SiteState.RED:
+            self.ctx.limp_home.set()
+        elif state is not protocol.SiteState.BLACK:
+            self.ctx.limp_home.clear()
+        self.ctx.report_now.set()
+
+
+def fixed_load(pods: list[dict[str, Any]], *, nodes: list[Node], workloads: list[Workload]) -> dict[str, Resources]:
+    """Requests of the pods on available nodes that the plan does not place itself.
+
+    The planner re-places every replica of the tiered Deployments/StatefulSets, so their pods
+    are left out; everything else bound to an available node (DaemonSet pods, tier-less and
+    bare pods) stays where it is and takes room. Finished pods take none.
+    """
+    available = {n.name for n in nodes if n.available}
+    deployments = {(w.namespace, w.name) for w in workloads if w.kind == "Deployment"}
+    statefulsets = {(w.namespace, w.name) for w in workloads if w.kind == "StatefulSet"}
+    load: dict[str, Resources] = {}
+    for pod in pods:
+        meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        node = spec.get("nodeName")
+        if node not in available or status.get("phase") in _TERMINAL_PHASES:
+            continue
+        ns = str(meta.get("namespace") or "default")
+        if _owned_by(meta, ns, deployments=deployments, statefulsets=statefulsets):
+            continue
+        load[str(node)] = load.get(str(node), Resources()) + pod_requests(spec)
+    return load
+
+
+def _owned_by(
+    meta: Mapping[str, Any], ns: str, *, deployments: set[tuple[str, str]], statefulsets: set[tuple[str, str]]
+) -> bool:
+    for ref in meta.get("ownerReferences") or []:
+        kind, name = ref.get("kind"), str(ref.get("name", ""))
+        if kind == "StatefulSet" and (ns, name) in statefulsets:
+            return True
+        if kind == "ReplicaSet":
+            # A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
+            hash_ = str((meta.get("labels") or {}).get("pod-template-hash", ""))
+            base = name[: -len(hash_) - 1] if hash_ and name.endswith("-" + hash_) else name.rpartition("-")[0]
+            if (ns, base) in deployments:
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- the daemon task
+
+
+async def run(ctx: AgentContext) -> None:
+    """The daemon task: see the module docstring. Returns only if degradation is disabled."""
+    if not ctx.config.degradation.enabled:
+        log.info("degradation controller disabled by config")
+        return
+    ctl = Controller.load(ctx)
+    cfg = ctx.config.degradation
+    while True:
+        try:
+            async with kube.connect(ctx.config.kubeconfig) as api:
+                wake = asyncio.Event()
+                watchers = (
+                    [asyncio.create_task(watch(api, path, wake)) for path in
+                     ("/api/v1/nodes", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases")]
+                    if cfg.watch else []
+                )  # fmt: skip
+                try:
+                    while True:
+                        started = time.monotonic()
+                        try:
+                            await ctl.tick(api)
+                        except kube.KubeUnavailable as exc:
+                            ctl.unreachable(str(exc), now=ctl.clock())
+                        except kube.KubeError as exc:
+                            log.warning("degradation tick failed", error=str(exc))
+                        wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), cfg.poll_interval_seconds)
+                        await asyncio.sleep(max(0.0, _MIN_TICK_SECONDS - (time.monotonic() - started)))
+                finally:
+                    for task in watchers:
+                        task.cancel()
+                    await asyncio.gather(*watchers, return_exceptions=True)
+        except kube.KubeConfigError as exc:
+            ctl.unreachable(str(exc), now=ctl.clock())
+            await asyncio.sleep(cfg.poll_interval_seconds * 5)
+
+
+async def watch(api: Any, path: str, wake: asyncio.Event) -> None:
+    """Stream a watch on ``path`` and set ``wake`` on every event; reconnect with backoff.
+
+    Only a hint: the tick re-lists everything it needs, so a missed or failed watch costs at
+    most one poll interval.
+    """
+    delay = 0.5
+    while True:
+        try:
+            response = await api.call_api(
+                path, "GET",
+                query_params=[("watch", "true"), ("allowWatchBookmarks", "false"), ("timeoutSeconds", "300")],
+                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                _preload_content=False, _request_timeout=330,
+            )  # fmt: skip
+            async with response:
+                delay = 0.5
+                async for _line in response.content:
+                    wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure: back off and re-watch
+            log.debug("watch failed", path=path, error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)

@@ -1,0 +1,180 @@
+"""Node availability with hysteresis, and the site state it implies.
+
+Each node has a *raw* view (Ready condition True and its Lease renewed recently) and an
+*effective* one, which is what the planner and the site state use. The effective view follows
+the raw one only after it held steadily for a dwell time: ``degrade_dwell`` to count a node as
+lost, the (longer) ``recover_dwell`` to count it back. A flapping node therefore stays lost until
+it has been steadily healthy for the recover dwell: the site degrades once and recovers once.
+
+The tracker is plain data, persisted in the agent DB after every change, so a restarted agent
+continues the same timers instead of re-learning (and, e.g., restoring too early).
+
+Lease staleness is measured on the agent's clock from the moment a *change* of the lease's
+``renewTime`` was last seen, not by comparing ``renewTime`` with the agent's clock: the worker's
+kubelet writes ``renewTime`` with its own clock, and a skewed worker clock must not fake a dead node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agent import protocol
+from agent.degrade.model import Node, Workload
+from agent.degrade.planner import Plan
+
+
+@dataclass
+class Mark:
+    available: bool
+    raw: bool
+    #: When ``raw`` last changed (agent wall clock).
+    since: float
+
+
+@dataclass
+class LeaseSeen:
+    renew: str
+    seen: float
+
+
+@dataclass
+class Tracker:
+    marks: dict[str, Mark] = field(default_factory=dict)
+    leases: dict[str, LeaseSeen] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ leases
+
+    def lease_fresh(self, node: str, renew_time: str | None, *, now: float, timeout: float) -> bool | None:
+        """Whether ``node``'s lease was renewed within ``timeout``; None if it has no lease.
+
+        A lease seen for the first time gets the benefit of the doubt only as far as its own
+        ``renewTime`` allows: one already older than ``timeout`` counts as stale right away.
+        """
+        if renew_time is None:
+            self.leases.pop(node, None)
+            return None
+        seen = self.leases.get(node)
+        if seen is None:
+            age = _age(renew_time, now=now)
+            start = now - min(max(age, 0.0), timeout + 1.0) if age is not None else now
+            self.leases[node] = seen = LeaseSeen(renew=renew_time, seen=start)
+        elif seen.renew != renew_time:
+            seen.renew, seen.seen = renew_time, now
+        return now - seen.seen <= timeout
+
+    # ------------------------------------------------------------------ hysteresis
+
+    def observe(
+        self, raw: Mapping[str, bool], *, now: float, degrade_dwell: float, recover_dwell: float
+    ) -> list[tuple[str, bool]]:
+        """Feed one observation; return the nodes whose *effective* availability changed."""
+        changes: list[tuple[str, bool]] = []
+        for name in list(self.marks):
+            if name not in raw:  # the Node object is gone (deleted): nothing left to track
+                del self.marks[name]
+        for name, healthy in raw.items():
+            mark = self.marks.get(name)
+            if mark is None:
+                self.marks[name] = Mark(available=healthy, raw=healthy, since=now)
+                continue
+            if mark.raw != healthy:
+                mark.raw, mark.since = healthy, now
+            if mark.available != mark.raw:
+                dwell = recover_dwell if mark.raw else degrade_dwell
+                if now - mark.since >= dwell:
+                    mark.available = mark.raw
+                    changes.append((name, mark.available))
+        return changes
+
+    def available(self, name: str) -> bool:
+        mark = self.marks.get(name)
+        return bool(mark and mark.available)
+
+    def pending(self, *, now: float, degrade_dwell: float, recover_dwell: float) -> dict[str, float]:
+        """Nodes whose raw state differs from the effective one: seconds until it takes effect."""
+        out = {}
+        for name, mark in self.marks.items():
+            if mark.available != mark.raw:
+                dwell = recover_dwell if mark.raw else degrade_dwell
+                out[name] = max(0.0, dwell - (now - mark.since))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "marks": {k: asdict(v) for k, v in self.marks.items()},
+            "leases": {k: asdict(v) for k, v in self.leases.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Tracker:
+        tracker = cls()
+        if not isinstance(doc, Mapping):
+            return tracker
+        for name, m in (doc.get("marks") or {}).items():
+            try:
+                tracker.marks[str(name)] = Mark(
+                    available=bool(m["available"]), raw=bool(m["raw"]), since=float(m["since"])
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+        for name, s in (doc.get("leases") or {}).items():
+            try:
+                tracker.leases[str(name)] = LeaseSeen(renew=str(s["renew"]), seen=float(s["seen"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return tracker
+
+
+def _age(renew_time: str, *, now: float) -> float | None:
+    try:
+        return now - datetime.fromisoformat(renew_time.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- site state
+
+
+def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workload]) -> tuple[protocol.SiteState, str]:
+    """Green/Yellow/Red from the effective nodes and the plan, with the reason in words.
+
+    Generalised by capacity, for any number of nodes:
+
+    * Green: every node is available.
+    * Red: no worker (non-control-plane) node is left, or what is left cannot hold tier 3 in
+      full: only the lifeboat tiers (1, 2) run. This is limp-home mode.
+    * Yellow: anything in between: capacity was lost but tiers 1-3 run in full.
+
+    Black (API unreachable) is decided by the controller, which cannot see nodes then.
+    """
+    lost = sorted(n.name for n in nodes if not n.available)
+    if not nodes:
+        return protocol.SiteState.RED, "the cluster reports no nodes"
+    if not lost:
+        return protocol.SiteState.GREEN, "all nodes ready"
+    workers = [n for n in nodes if n.available and not n.control_plane]
+    lost_text = f"{_names(lost)} lost"
+    if not workers:
+        left = sorted(n.name for n in nodes if n.available)
+        if not left:
+            return protocol.SiteState.RED, f"{lost_text}; no node left"
+        return protocol.SiteState.RED, f"{lost_text}; only the control-plane node {_names(left)} is left"
+    short = [
+        w for w in workloads if w.tier == 3 and plan is not None and plan.targets.get(w.key, w.desired) < w.desired
+    ]
+    if short:
+        return (
+            protocol.SiteState.RED,
+            f"{lost_text}; the remaining capacity cannot hold tier 3 ({_names(w.ref for w in short)})",
+        )
+    return protocol.SiteState.YELLOW, f"{lost_text}; consolidating on {len(nodes) - len(lost)} of {len(nodes)} nodes"
+
+
+def _names(names: Iterable[str]) -> str:
+    items = list(names)
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")

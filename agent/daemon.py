@@ -44,6 +44,7 @@ from pydantic_settings import SettingsError
 
 from agent import config as agent_config
 from agent import (
+    degrade,
     exitcodes,
     httpd,
     installer,
@@ -108,6 +109,7 @@ MIGRATIONS: list[Callable[[StateStore], None]] = [
     outbox.setup,
     snapshots.setup,
     install_journal.setup,
+    degrade.setup,
 ]
 
 #: The daemon's tasks, each ``async def run(ctx) -> None``, started in this order.
@@ -117,6 +119,7 @@ TASKS: list[tuple[str, Task]] = [
     ("snapshots", snapshots.run),
     ("installer", installer.run),
     ("intake", intake.run),
+    ("degradation", degrade.run),
 ]
 
 

@@ -59,6 +59,7 @@ LIMITS_KEY = "outbox.limits"
 #: After an overflow the outbox is trimmed to this fraction of each bound.
 LOW_WATER = 0.9
 OVERFLOW_EVENT = "outbox.overflow"
+OVERFLOW_PENDING_KEY = "outbox.overflow_pending"
 
 DROPPED = Counter(
     "edgefleet_outbox_dropped_total", "Unsent messages dropped from the outbox because a bound was reached", ["reason"]
@@ -220,10 +221,24 @@ def _report(store: StateStore, *, site: str, victims: list[Any], reason: str, bo
         kind = _peek(bytes(v["payload"]))
         types[kind] += 1
     seqs = sorted(v["seq"] for v in victims)
+    dropped, first, reasons = len(victims), seqs[0], {reason: len(victims)}
+    # An unsent earlier report is folded into this one (cumulative), so that a long outage yields
+    # one growing report instead of reports crowding out the events they are about.
+    earlier = store.get(OVERFLOW_PENDING_KEY)
+    row = store.db.execute("SELECT id, payload FROM outbox WHERE msg_id=?", (earlier,)).fetchone() if earlier else None
+    if row is not None:
+        previous = json.loads(bytes(row["payload"])).get("data", {})
+        dropped += int(previous.get("dropped", 0))
+        first = min(first, int(previous.get("first_seq", first)))
+        types.update(previous.get("types", {}))
+        for name, n in previous.get("reasons", {}).items():
+            reasons[name] = reasons.get(name, 0) + int(n)
+        store.db.execute("DELETE FROM outbox WHERE id=?", (row["id"],))
     data = {
-        "dropped": len(victims),
+        "dropped": dropped,
         "reason": reason,
-        "first_seq": seqs[0],
+        "reasons": reasons,
+        "first_seq": first,
         "last_seq": seqs[-1],
         "types": dict(types.most_common(20)),
         "max_messages": bounds.max_messages,
@@ -231,7 +246,7 @@ def _report(store: StateStore, *, site: str, victims: list[Any], reason: str, bo
         "max_age_seconds": bounds.max_age_seconds,
     }
     summary = (
-        f"outbox bound reached ({reason}): dropped {len(victims)} unsent messages, seq {seqs[0]}..{seqs[-1]}; "
+        f"outbox bound reached ({reason}): {dropped} unsent messages dropped, seq {first}..{seqs[-1]}; "
         "the link has been down too long or the site is too chatty"
     )
     event = protocol.Event(
@@ -243,6 +258,7 @@ def _report(store: StateStore, *, site: str, victims: list[Any], reason: str, bo
         "INSERT INTO outbox(channel, msg_id, seq, payload, created, size, priority) VALUES(?, ?, ?, ?, ?, ?, ?)",
         (protocol.Channel.EVENTS.value, event.msg_id, event.seq, payload, event.ts.timestamp(), len(payload), 2),
     )
+    store.put(OVERFLOW_PENDING_KEY, event.msg_id)
     DROPPED.labels(reason=reason).inc(len(victims))
     OVERFLOWS.inc()
     log.error(summary, event_type=OVERFLOW_EVENT, msg_id=event.msg_id, seq=event.seq, **data)

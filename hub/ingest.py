@@ -1,0 +1,245 @@
+"""Ingest: site messages from MQTT into the fleet store, validated, deduplicated and batched.
+
+Delivery guarantee: a message is acknowledged to the broker (PUBACK) only after the batch holding
+it is committed. aiomqtt acknowledges QoS 1 messages before application code sees them, so ingest
+switches paho to manual acknowledgement; a hub that dies with an uncommitted batch leaves those
+messages unacknowledged in its persistent broker session, and they are delivered again when it
+reconnects (with the same client id). Redeliveries are harmless: an in-memory LRU drops most of them
+and the store's unique constraints drop the rest.
+
+Several replicas split the stream through MQTT shared subscriptions (``$share/<group>/...``).
+Brokers without them (amqtt, MQTT 3.1.1) get plain subscriptions; run one replica then. Whatever
+the broker delivers, every topic and payload is validated by :func:`agent.protocol.parse_site_message`;
+refusals are counted per reason and logged at most once per interval per reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiomqtt
+import structlog
+
+from agent import protocol
+from hub import mqtt, store
+from hub.context import HubContext
+from hub.notify import Change
+
+log = structlog.get_logger("edgefleet.hub.ingest")
+
+CHANNELS = (protocol.Channel.STATUS, protocol.Channel.EVENTS, protocol.Channel.ONLINE, protocol.Channel.REPLIES)
+
+
+def topic_filters(*, shared: bool, group: str) -> list[str]:
+    base = [f"{protocol.TOPIC_ROOT}/+/{ch.value}" for ch in CHANNELS]
+    return [f"$share/{group}/{t}" for t in base] if shared else base
+
+
+@dataclass
+class _Item:
+    received: store.Received
+    mid: int
+    qos: int
+    generation: int
+
+
+class _RejectLog:
+    """At most one log line per reason per interval; the counters count every refusal."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.suppressed: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, exc: protocol.ProtocolError, *, topic: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(exc.reason, -1e9) < self.interval:
+            self.suppressed[exc.reason] += 1
+            return
+        self.last[exc.reason] = now
+        log.warning(
+            "refused message",
+            reason=exc.reason,
+            error=str(exc),
+            topic=topic[:200],
+            suppressed_since_last=self.suppressed.pop(exc.reason, 0),
+        )
+
+
+class _Dedupe:
+    """LRU of message ids known to be committed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, msg_id: str) -> bool:
+        return msg_id in self.ids
+
+    def add(self, msg_id: str) -> None:
+        if self.size <= 0:
+            return
+        self.ids[msg_id] = None
+        if len(self.ids) > self.size:
+            self.ids.popitem(last=False)
+
+
+class Ingest:
+    """One ingest pipeline: a broker reader and a batch writer, both owned by :func:`run`."""
+
+    def __init__(self, ctx: HubContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.config.ingest
+        self.batch: list[_Item] = []
+        self.full = asyncio.Event()
+        self.dedupe = _Dedupe(cfg.dedupe_cache)
+        self.reject_log = _RejectLog(cfg.reject_log_interval_seconds)
+        #: Set once the first subscription is in place (tests and the demo wait for it).
+        self.subscribed = asyncio.Event()
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def handle(self, message: aiomqtt.Message, *, generation: int) -> None:
+        """Validate one delivery and queue it for the next batch (or acknowledge it right away)."""
+        m = self.ctx.metrics
+        topic = message.topic.value
+        channel = topic.rsplit("/", 1)[-1]
+        m.received.labels(channel=channel if channel in protocol.Channel.__members__.values() else "other").inc()
+        payload = message.payload
+        try:
+            if not isinstance(payload, bytes | bytearray):
+                raise protocol.Malformed(f"payload of type {type(payload).__name__} is not bytes")
+            parsed = protocol.parse_site_message(topic, bytes(payload))
+        except protocol.ProtocolError as exc:
+            m.rejected.labels(reason=exc.reason).inc()
+            self.reject_log(exc, topic=topic)
+            self._ack(message.mid, message.qos, generation)
+            return
+        if parsed.msg_id in self.dedupe:
+            m.duplicates.labels(kind=str(getattr(parsed, "kind", channel))).inc()
+            self._ack(message.mid, message.qos, generation)
+            return
+        received = store.Received(message=parsed, received_at=datetime.now(UTC), retained=bool(message.retain))
+        self.batch.append(_Item(received=received, mid=message.mid, qos=message.qos, generation=generation))
+        m.pending.set(len(self.batch))
+        if len(self.batch) >= self.ctx.config.ingest.batch_size:
+            self.full.set()
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        link = self.ctx.link
+        # A message id belongs to one connection: after a reconnect the broker redelivers instead.
+        if qos == 0 or link.client is None or generation != link.generation:
+            return
+        # aiomqtt exposes no manual acknowledgement; paho does (manual_ack_set in connect()).
+        link.client._client.ack(mid, qos)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    async def flusher(self) -> None:
+        """Commit batches (by size or interval), then acknowledge, remember and notify; forever."""
+        cfg = self.ctx.config.ingest
+        backoff = 0.5
+        while True:
+            if len(self.batch) < cfg.batch_size:
+                self.full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.full.wait(), timeout=cfg.flush_interval_seconds)
+            if not self.batch:
+                continue
+            items, self.batch = self.batch, []
+            while True:
+                try:
+                    result = await self.write(items)
+                    backoff = 0.5
+                    break
+                except Exception as exc:  # the database is down or refused: keep the batch, retry
+                    self.ctx.metrics.db_errors.inc()
+                    log.error("batch write failed; retrying", error=str(exc)[:300], messages=len(items))
+                    await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
+                    backoff = min(backoff * 2, 30.0)
+            for item in items:
+                self._ack(item.mid, item.qos, item.generation)
+                self.dedupe.add(item.received.message.msg_id)
+            self.ctx.metrics.pending.set(len(self.batch))
+            self._notify(result)
+
+    async def write(self, items: list[_Item]) -> store.BatchResult:
+        m = self.ctx.metrics
+        started = time.perf_counter()
+        result = await asyncio.to_thread(
+            self.ctx.store.write_batch,
+            [i.received for i in items],
+            history_min_interval=self.ctx.config.history.min_interval_seconds,
+        )
+        m.batch_seconds.observe(time.perf_counter() - started)
+        for kind, n in result.stored.items():
+            m.stored.labels(kind=kind).inc(n)
+        for kind, n in result.duplicates.items():
+            m.duplicates.labels(kind=kind).inc(n)
+        for latency in result.latencies:
+            m.latency.observe(max(latency, 0.0))
+        return result
+
+    def _notify(self, result: store.BatchResult) -> None:
+        n = self.ctx.notifier
+        if not n.subscribers:
+            return
+        for site in sorted(result.sites):
+            n.publish(Change(kind="site", site=site))
+        for site, event_id, event_type in result.events:
+            n.publish(Change(kind="event", site=site, ref=str(event_id), detail={"type": event_type}))
+        for cmd_id in sorted(result.commands):
+            n.publish(Change(kind="command", ref=cmd_id))
+
+    # ---- connection ------------------------------------------------------------------------
+
+    async def connection(self) -> None:
+        """One broker connection: subscribe, then read until it drops (raises :class:`aiomqtt.MqttError`)."""
+        cfg = self.ctx.config.mqtt
+        client = mqtt.make_client(cfg)
+        # Acknowledge after commit, not on receipt (see the module docstring).
+        client._client.manual_ack_set(True)
+        async with client:
+            generation = self.ctx.link.attach(client)
+            self.ctx.metrics.connected.set(1)
+            try:
+                filters = topic_filters(shared=cfg.shared_subscriptions and cfg.protocol == "5", group=cfg.shared_group)
+                await client.subscribe([(f, 1) for f in filters])
+                log.info("subscribed", broker=f"{cfg.host}:{cfg.port}", filters=filters, client_id=client.identifier)
+                self.subscribed.set()
+                async for message in client.messages:
+                    self.handle(message, generation=generation)
+            finally:
+                self.ctx.link.detach()
+                self.ctx.metrics.connected.set(0)
+
+
+async def run(ctx: HubContext, *, pipeline: Ingest | None = None) -> None:
+    """Ingest until cancelled: reconnect with exponential backoff and jitter; batches survive reconnects."""
+    pipe = pipeline or Ingest(ctx)
+    flusher = asyncio.create_task(pipe.flusher(), name="hub-ingest-flusher")
+    delay = 0.5
+    try:
+        while True:
+            try:
+                await pipe.connection()
+                delay = 0.5
+            except aiomqtt.MqttError as exc:
+                log.warning("broker connection lost", error=str(exc)[:200], retry_in=round(delay, 2))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, ctx.config.mqtt.reconnect_max_seconds)
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        if pipe.batch:  # best effort on a clean shutdown; unacknowledged anyway, so nothing is lost
+            try:
+                await pipe.write(pipe.batch)
+            except Exception as exc:
+                log.warning("final batch not written; the broker will redeliver", error=str(exc)[:200])

@@ -1,0 +1,94 @@
+"""The hub's broker connection: client construction (TLS, session, protocol) and a shared handle.
+
+Ingest owns the connection's lifetime (it reconnects with backoff); :class:`Link` lets the rest of
+the hub (commands) publish on whatever connection is current, or learn that there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from hub.config import MqttConfig
+
+
+class NotConnected(RuntimeError):
+    """No broker connection right now; the caller keeps the message and retries later."""
+
+
+class Link:
+    """The current broker connection (or none). ``generation`` changes on every reconnect."""
+
+    def __init__(self) -> None:
+        self.client: aiomqtt.Client | None = None
+        self.generation = 0
+        self.connected = asyncio.Event()
+
+    def attach(self, client: aiomqtt.Client) -> int:
+        self.client = client
+        self.generation += 1
+        self.connected.set()
+        return self.generation
+
+    def detach(self) -> None:
+        self.client = None
+        self.connected.clear()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0) -> None:
+        """Publish and (QoS 1) wait for the broker's PUBACK; :class:`NotConnected` when there is no link."""
+        client = self.client
+        if client is None:
+            raise NotConnected("not connected to the broker")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=False, timeout=timeout)
+        except aiomqtt.MqttError as exc:
+            raise NotConnected(f"publish failed: {exc}") from exc
+
+
+def client_id(config: MqttConfig) -> str:
+    return config.client_id or f"edgefleet-hub-{socket.gethostname()}"[:64]
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+    if config.cert_file is not None:
+        ctx.load_cert_chain(str(config.cert_file), str(config.key_file) if config.key_file else None)
+    return ctx
+
+
+def make_client(config: MqttConfig, *, identifier: str | None = None) -> aiomqtt.Client:
+    """A client with a persistent session, so the broker keeps what we have not acknowledged.
+
+    MQTT 5: ``clean_start=False`` plus a session expiry (aiomqtt's default would start clean on the
+    first connect of each process and lose what queued while the hub was down), and a Receive
+    Maximum that bounds how many unacknowledged messages the broker sends us (our memory bound,
+    since ingest acknowledges only after commit). MQTT 3.1.1: ``clean_session=False``.
+    """
+    v5 = config.protocol == "5"
+    properties = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = config.session_expiry_seconds
+        properties.ReceiveMaximum = config.receive_maximum
+    return aiomqtt.Client(
+        config.host,
+        config.port,
+        identifier=identifier or client_id(config),
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else False,
+        clean_start=False,
+        properties=properties,
+        keepalive=config.keepalive_seconds,
+        username=config.username,
+        password=config.password.get_secret_value() if config.password else None,
+        tls_context=tls_context(config),
+        timeout=10.0,
+        max_inflight_messages=100,
+    )

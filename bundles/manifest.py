@@ -11,8 +11,10 @@ Public surface (stable):
   Helpers: ``component(name)``, ``file(path)``, ``install_order()``, ``payload_bytes``.
 - ``Component``: ``name``, ``layer`` 0-4, ``tier`` 1-4, ``depends_on``, ``namespace`` (for namespaced
   objects that carry none), ``files`` (payload paths, in apply order), ``images``, ``health_checks``,
-  ``source`` (``Source``: type, path, ``helm`` pin), ``rendered`` (False = carried pinned but
-  unrendered: it has no files and ``needs`` says what the build lacked, e.g. ["helm"]).
+  ``source`` (``Source``: type, paths, ``helm`` pin), ``rendered`` (False = carried pinned but
+  unrendered: it has no files and ``needs`` says what the build lacked, e.g. ["helm"]), ``partial``
+  (what a rendered component lacks compared with its Helm pin, e.g. a controller Deployment).
+  An installer skips unrendered components (``Manifest.installable()``).
 - ``HealthCheck``: ``type`` in HEALTH_CHECK_TYPES, object ``name``/``namespace``, ``timeout_seconds``;
   for ``type == "condition"`` also ``api_version``, ``kind``, ``condition`` and ``status``.
 - ``TierPolicy``: ``priority_class_name``, ``tolerate_control_plane``, ``spread``.
@@ -136,10 +138,13 @@ class HelmPin(_Model):
 
 
 class Source(_Model):
+    """Where a component came from. ``paths`` are "<kind>:<path>" entries in render order, e.g.
+    "mirror:argo-cd/v3.1.8/manifests/install.yaml", "kustomize:IT/gateway", "platform:IT/x.yaml",
+    "inline:extra-namespaces.yaml", "helm:cilium"."""
+
     type: Literal["files", "kustomize", "helm", "mirror"]
-    path: str | None = None  # relative to the platform source or the mirror
+    paths: tuple[str, ...] = ()
     helm: HelmPin | None = None
-    upstream: str | None = None  # e.g. "argoproj/argo-cd@v3.1.8" (from the mirror's SOURCE.md)
 
 
 class HealthCheck(_Model):
@@ -173,7 +178,8 @@ class Component(_Model):
     health_checks: tuple[HealthCheck, ...] = ()
     source: Source
     rendered: bool = True
-    needs: tuple[str, ...] = ()  # what an unrendered component lacked at build time, e.g. ("helm",)
+    needs: tuple[str, ...] = ()  # what the build lacked for this component, e.g. ("helm",)
+    partial: tuple[str, ...] = ()  # what a rendered component lacks compared with its Helm pin
     description: str | None = None
 
     @field_validator("name")
@@ -318,14 +324,30 @@ class Manifest(_Model):
 
     def install_order(self) -> list[Component]:
         """Components ordered by layer, then dependencies, then profile order (stable)."""
-        order = _topological([(c.name, c.depends_on) for c in self.components], layers={
-            c.name: c.layer for c in self.components
-        })
-        return [self.component(n) for n in order]
+        return order_components(self.components)
+
+    def installable(self) -> list[Component]:
+        """``install_order()`` minus unrendered components and anything depending on one."""
+        blocked: set[str] = set()
+        out = []
+        for c in self.install_order():
+            if not c.rendered or any(d in blocked for d in c.depends_on):
+                blocked.add(c.name)
+                continue
+            out.append(c)
+        return out
 
     def label(self) -> str:
         """``<name>-<version>``: the value of the ``edgefleet.io/bundle`` label."""
         return f"{self.name}-{self.version}"
+
+
+def order_components(components: Iterable[Component]) -> list[Component]:
+    """Layer first, then dependencies (a dependency always comes before its dependents), then input order."""
+    comps = list(components)
+    by_name = {c.name: c for c in comps}
+    order = _topological([(c.name, c.depends_on) for c in comps], layers={c.name: c.layer for c in comps})
+    return [by_name[n] for n in order]
 
 
 def _topological(

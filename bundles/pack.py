@@ -145,3 +145,29 @@ def sign_bundle(path: Path, *, keys: Sequence[Ed25519PrivateKey], out: Path | No
         tmp.unlink(missing_ok=True)
         raise
     return new_env
+
+
+def attach_chain(path: Path, chain: Sequence[bytes]) -> None:
+    """Insert (or replace) the root chain member right after the envelope; payload copied verbatim."""
+    manifest, _envelope, _old, compression = load_manifest(path)
+    fd, tmp = _atomic_out(path)
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as fh:
+            stream = container.CappedStream(src, compression, limit=1 << 62)
+            first = container.next_header(stream)
+            assert first is not None
+            env_bytes = _read_member(stream, first, what="the manifest envelope")
+            w = container.Writer(fh, compression=manifest.compression)
+            w.add_bytes(container.ENVELOPE_NAME, env_bytes)
+            w.add_bytes(container.CHAIN_NAME, _chain_member(chain))
+            while (hdr := container.next_header(stream)) is not None:
+                data = _read_member(stream, hdr, what=hdr.name)
+                if hdr.name == container.CHAIN_NAME:
+                    continue
+                w.add_raw(container.make_header(hdr.name, hdr.size, mode=hdr.mode))
+                w.add_raw(data + b"\x00" * container.padding(hdr.size))
+            w.close()
+            _finish(fh, tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

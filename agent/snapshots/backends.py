@@ -81,7 +81,8 @@ def etcdctl_argv(config: SnapshotConfig, dest: Path) -> list[str]:
             argv.append(f"{flag}={path}")
     # Dial and command timeouts well inside ours, so the usual failure is a clean error, not our kill.
     dial = max(1, min(10, int(config.timeout_seconds / 4)))
-    argv += [f"--dial-timeout={dial}s", f"--command-timeout={int(config.timeout_seconds)}s"]
+    command = max(1, int(config.timeout_seconds * 0.9))
+    argv += [f"--dial-timeout={dial}s", f"--command-timeout={command}s"]
     return [*argv, "snapshot", "save", str(dest)]
 
 

@@ -50,7 +50,8 @@ async def run(
     cwd: Path | None = None,
 ) -> Result:
     """Run ``argv``; raise :class:`CommandFailed` unless it exits 0 within ``timeout`` seconds."""
-    name = Path(str(argv[0])).name + (f" {argv[1]}" if len(argv) > 1 else "")
+    words = [str(a) for a in argv[1:] if not str(a).startswith("-")][:2]
+    name = " ".join([Path(str(argv[0])).name, *words])
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(

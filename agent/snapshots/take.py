@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -158,7 +157,8 @@ async def _take_locked(
         os.replace(zst_part or raw_part, final)
         fsync_dir(directory)
     finally:
-        for leftover in (raw_part, zst_part):
+        etcdctl_part = directory / f"{raw_name}.part.part"  # etcdctl's own temporary file
+        for leftover in (raw_part, zst_part, etcdctl_part):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
     entry = catalog.Entry(
@@ -302,7 +302,6 @@ async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
         log.warning("unrecorded snapshot file fails verification; left in place", path=str(path), error=str(exc))
         return
     compressed = path.name.endswith(verify.ZST_SUFFIX)
-    file_size, file_sha256 = await asyncio.to_thread(_size_and_sha256, path)
     catalog.add(
         ctx.store,
         catalog.Entry(
@@ -317,8 +316,8 @@ async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
             etcd_hash=etcd_status.etcd_hash,
             size=digest.size,
             sha256=digest.sha256,
-            file_size=file_size,
-            file_sha256=file_sha256,
+            file_size=digest.file_size,
+            file_sha256=digest.file_sha256,
             compressed=compressed,
             verified=True,
             verified_at=datetime.now(UTC),
@@ -326,7 +325,3 @@ async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
     )
     log.info("adopted a verified snapshot file the catalog did not know", name=path.name)
 
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    with open(path, "rb") as fh:
-        return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()

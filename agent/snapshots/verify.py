@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
@@ -159,20 +159,36 @@ def _fresh_name(directory: Path) -> Path:
     return Path(name)
 
 
-def extract(path: Path, dest: Path) -> str:
-    """Decompress a ``.zst`` snapshot to ``dest`` (fsynced); return the sha256 of the output."""
-    raw = hashlib.sha256()
+class _HashingReader:
+    """A read-only file wrapper hashing what passes through (the compressed bytes as stored)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+def extract(path: Path, dest: Path) -> tuple[int, str]:
+    """Decompress a ``.zst`` snapshot to ``dest`` (fsynced); return size and sha256 of the *stored* file."""
     with open(path, "rb") as src, open(dest, "xb") as out:
-        reader = zstandard.ZstdDecompressor().stream_reader(src)
+        hashing = _HashingReader(src)
+        reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], hashing), read_across_frames=True)
         try:
             while chunk := reader.read(CHUNK):
-                raw.update(chunk)
                 out.write(chunk)
+            while hashing.read(CHUNK):  # trailing bytes after the frame still count for the file hash
+                pass
         except zstandard.ZstdError as exc:
             raise VerificationFailed(f"{path.name}: corrupt zstd stream: {exc}") from None
         out.flush()
         os.fsync(out.fileno())
-    return raw.hexdigest()
+    return hashing.size, hashing.hash.hexdigest()
 
 
 async def verify_stored(
@@ -190,8 +206,9 @@ async def verify_stored(
     else:
         tmp = _fresh_name(keep_raw.parent if keep_raw is not None else path.parent)
         try:
-            await asyncio.to_thread(extract, path, tmp)
-            status, digest = await verify_raw(tmp, etcdutl=etcdutl, timeout=timeout)
+            file_size, file_sha256 = await asyncio.to_thread(extract, path, tmp)
+            status, raw = await verify_raw(tmp, etcdutl=etcdutl, timeout=timeout)
+            digest = Digest(size=raw.size, sha256=raw.sha256, file_size=file_size, file_sha256=file_sha256)
             if keep_raw is not None:
                 os.replace(tmp, keep_raw)
         finally:

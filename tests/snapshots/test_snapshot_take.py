@@ -1,0 +1,244 @@
+"""One snapshot against a real etcd: success, verification failures, disk guard, timeouts, TLS, crash leftovers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import MakeCtx, events, put_keys, snapshot_files
+
+from agent import sitestatus
+from agent.snapshots import binaries, catalog, devetcd, take, verify
+
+
+def _stub(directory: Path, name: str, body: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for a reaper (PID 1 in a container may never reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("compress", [True, False])
+async def test_snapshot_is_taken_verified_recorded_and_reported(etcd: devetcd.Node, make_ctx: MakeCtx, compress: bool):
+    await put_keys(etcd, 20)
+    ctx = make_ctx(etcd.url, compress=compress)
+    outcome = await take.take(ctx, trigger="manual")
+    assert outcome.ok, outcome.message
+    entry = outcome.entry
+    assert entry is not None and entry.verified and entry.total_keys >= 20 and entry.revision >= 21
+    assert entry.path.name.endswith(".db.zst" if compress else ".db")
+    assert snapshot_files(ctx) == [entry.path.name]  # nothing else: no .part leftovers
+    assert catalog.entries(ctx.store) == [entry]
+    # The stored file re-verifies against the catalog fingerprint.
+    status, digest = await verify.verify_stored(
+        entry.path, etcdutl=binaries.find("etcdutl"), timeout=30, expected_sha256=entry.sha256
+    )
+    assert status.revision == entry.revision and digest.sha256 == entry.sha256
+    assert digest.file_size == entry.path.stat().st_size
+    info = ctx.store.get(sitestatus.SNAPSHOT_KEY)
+    assert info["revision"] == entry.revision and info["failures"] == 0 and info["size_bytes"] == entry.file_size
+    assert info["max_age_seconds"] == 12 * 3600  # default every 6 h: two intervals
+    [event] = events(ctx)
+    assert event["type"] == "snapshot.succeeded" and event["data"]["revision"] == entry.revision
+    assert ctx.report_now.is_set()
+
+
+async def _take_with_damage(etcd: devetcd.Node, make_ctx: MakeCtx, tmp_path: Path, monkeypatch, damage: str):
+    """A wrapper etcdctl on PATH: runs the real one, then damages the file it wrote."""
+    real = binaries.find("etcdctl")
+    _stub(
+        tmp_path / "bin",
+        "etcdctl",
+        f"""\
+        set -e
+        for last; do :; done
+        {real} "$@"
+        python3 - "$last" <<'PY'
+        import os, sys
+        path = sys.argv[1]
+        size = os.path.getsize(path)
+        if "{damage}" == "truncate":
+            os.truncate(path, size // 2)
+        else:
+            with open(path, "r+b") as f:
+                f.seek(size // 2)
+                byte = f.read(1)
+                f.seek(size // 2)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        PY
+        """,
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    await put_keys(etcd, 50)
+    ctx = make_ctx(etcd.url)
+    outcome = await take.take(ctx, trigger="manual")
+    return ctx, outcome
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+async def test_damaged_snapshot_is_a_failure(etcd, make_ctx, tmp_path, monkeypatch, damage):
+    ctx, outcome = await _take_with_damage(etcd, make_ctx, tmp_path, monkeypatch, damage)
+    assert not outcome.ok and outcome.kind == "failed"
+    assert "trailer" in outcome.message or "etcdutl" in outcome.message or "truncated" in outcome.message
+    assert catalog.entries(ctx.store) == []
+    assert snapshot_files(ctx) == []  # the damaged file is not kept as if it were a snapshot
+    [event] = events(ctx)
+    assert event["type"] == "snapshot.failed" and event["severity"] == "error"
+    assert ctx.store.get(sitestatus.SNAPSHOT_KEY)["failures"] == 1
+
+
+async def test_stored_snapshot_damage_is_caught(etcd, make_ctx, tmp_path):
+    await put_keys(etcd, 10)
+    ctx = make_ctx(etcd.url, compress=False)
+    entry = (await take.take(ctx, trigger="manual")).entry
+    assert entry is not None
+    etcdutl = binaries.find("etcdutl")
+    data = entry.path.read_bytes()
+    flipped = tmp_path / "flipped.db"
+    flipped.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(data[: len(data) - 4096])
+    for bad in (flipped, truncated):
+        with pytest.raises(verify.VerificationFailed):
+            await verify.verify_stored(bad, etcdutl=etcdutl, timeout=30, expected_sha256=None)
+    # A compressed copy whose zstd stream is cut off is caught too.
+    ctx2 = make_ctx(etcd.url, compress=True, directory=tmp_path / "zst")
+    zentry = (await take.take(ctx2, trigger="manual")).entry
+    assert zentry is not None
+    cut = tmp_path / "cut.db.zst"
+    cut.write_bytes(zentry.path.read_bytes()[:-200])
+    with pytest.raises(verify.VerificationFailed):
+        await verify.verify_stored(cut, etcdutl=etcdutl, timeout=30, expected_sha256=zentry.sha256)
+
+
+async def test_disk_guard_refuses_below_threshold_and_below_twice_the_last_size(etcd, make_ctx):
+    await put_keys(etcd, 10)
+    ctx = make_ctx(etcd.url, min_free_bytes=10 << 20)
+    refused = await take.take(ctx, trigger="scheduled", free_bytes=lambda _p: 5 << 20)
+    assert refused.kind == "refused" and "threshold" in refused.message
+    assert snapshot_files(ctx) == [] and catalog.entries(ctx.store) == []
+    [event] = events(ctx)
+    assert event["type"] == "snapshot.refused" and event["severity"] == "warning"
+
+    first = await take.take(ctx, trigger="scheduled", free_bytes=lambda _p: 1 << 40)
+    assert first.ok and first.entry is not None
+    size = first.entry.size
+    ctx.config.snapshots.min_free_bytes = 0
+    refused = await take.take(ctx, trigger="scheduled", free_bytes=lambda _p: size * 2 - 1)
+    assert refused.kind == "refused" and "twice the last snapshot" in refused.message
+    assert len(catalog.entries(ctx.store)) == 1
+    assert ctx.store.get(sitestatus.SNAPSHOT_KEY)["failures"] == 1
+
+
+async def test_etcd_down_is_a_clear_failure(make_ctx):
+    ctx = make_ctx(f"http://127.0.0.1:{devetcd.free_port()}", timeout_seconds=4)
+    outcome = await take.take(ctx, trigger="scheduled")
+    assert outcome.kind == "failed" and "etcdctl snapshot" in outcome.message
+    assert snapshot_files(ctx) == []
+    assert [e["type"] for e in events(ctx)] == ["snapshot.failed"]
+
+
+async def test_hung_etcdctl_is_killed_and_the_next_run_works(etcd, make_ctx, tmp_path, monkeypatch):
+    pids = tmp_path / "pids"
+    _stub(
+        tmp_path / "bin",
+        "etcdctl",
+        f"""\
+        sleep 300 &
+        echo $! >> {pids}
+        echo $$ >> {pids}
+        wait
+        """,
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    await put_keys(etcd, 5)
+    ctx = make_ctx(etcd.url, timeout_seconds=1.5)
+    outcome = await take.take(ctx, trigger="scheduled")
+    assert outcome.kind == "failed" and "timed out after 1.5s" in outcome.message
+    for pid in map(int, pids.read_text().split()):  # the stub AND its child are gone
+        assert not _alive(pid)
+    assert snapshot_files(ctx) == []
+
+    monkeypatch.undo()  # the real etcdctl again
+    ctx.config.snapshots.timeout_seconds = 30
+    assert (await take.take(ctx, trigger="retry")).ok
+    assert ctx.store.get(sitestatus.SNAPSHOT_KEY)["failures"] == 0
+
+
+async def test_retention_keeps_the_newest_n(etcd, make_ctx):
+    ctx = make_ctx(etcd.url, keep=2)
+    taken = []
+    for i in range(4):
+        await etcd.ctl("put", f"/k/{i}", "v")
+        outcome = await take.take(ctx, trigger="scheduled")
+        assert outcome.ok and outcome.entry is not None
+        taken.append(outcome.entry.name)
+    assert snapshot_files(ctx) == sorted(taken[-2:])
+    assert [e.name for e in catalog.entries(ctx.store)] == taken[:-3:-1]
+    assert events(ctx)[-1]["data"]["removed"] == [taken[1]]
+
+
+async def test_reconcile_after_a_crash(etcd, make_ctx):
+    await put_keys(etcd, 5)
+    ctx = make_ctx(etcd.url)
+    kept = (await take.take(ctx, trigger="scheduled")).entry
+    orphan = (await take.take(ctx, trigger="scheduled")).entry
+    gone = (await take.take(ctx, trigger="scheduled")).entry
+    assert kept and orphan and gone
+    directory = ctx.config.snapshot_dir
+    # Crash between rename and catalog row: a complete file without a row.
+    catalog.remove(ctx.store, orphan.name)
+    # Crash mid-save: partial files.
+    (directory / "etcd-20260101T000000.000Z.db.part").write_bytes(b"partial")
+    (directory / ".verify-x.db").write_bytes(b"temp")
+    # Somebody deleted a file by hand.
+    gone.path.unlink()
+    # And a damaged unrecorded file that must not be adopted.
+    (directory / "etcd-20250101T000000.000Z.db").write_bytes(b"junk" * 5000)
+    await take.reconcile(ctx)
+    names = {e.name: e for e in catalog.entries(ctx.store)}
+    assert set(names) == {kept.name, orphan.name}
+    assert names[orphan.name].trigger == "adopted" and names[orphan.name].sha256 == orphan.sha256
+    assert names[orphan.name].file_sha256 == orphan.file_sha256
+    assert snapshot_files(ctx) == sorted([kept.name, orphan.name, "etcd-20250101T000000.000Z.db"])
+
+
+def _entry(name: str, hours_ago: float, *, verified: bool = True) -> catalog.Entry:
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    return catalog.Entry(
+        name=name, path=Path(name), taken=now - dt.timedelta(hours=hours_ago), duration=1, backend="etcdctl",
+        trigger="scheduled", revision=1, total_keys=1, etcd_hash=1, size=1, sha256="", file_size=1,
+        file_sha256="", compressed=True, verified=verified, verified_at=now,
+    )
+
+
+def test_retention_rules():
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    entries = [_entry("a", 1), _entry("b", 7), _entry("c", 13), _entry("d", 50), _entry("bad", 2, verified=False)]
+    names = lambda xs: sorted(e.name for e in xs)  # noqa: E731
+    assert names(catalog.expired(entries, keep=2, max_age=None, now=now)) == ["bad", "c", "d"]
+    assert names(catalog.expired(entries, keep=None, max_age=dt.timedelta(hours=10), now=now)) == ["bad", "c", "d"]
+    assert names(catalog.expired(entries, keep=3, max_age=dt.timedelta(hours=24), now=now)) == ["bad", "d"]
+    assert names(catalog.expired(entries, keep=None, max_age=None, now=now)) == ["bad"]
+    # Everything is too old (clock jumped, or snapshots failing for weeks): the newest verified stays.
+    later = now + dt.timedelta(days=365)
+    assert names(catalog.expired(entries, keep=None, max_age=dt.timedelta(days=1), now=later)) == [
+        "b", "bad", "c", "d"
+    ]
+    # The newest is unverified: it goes, and the newest *verified* one is protected instead.
+    broken = [_entry("new", 0, verified=False), _entry("old", 100)]
+    assert names(catalog.expired(broken, keep=1, max_age=dt.timedelta(hours=1), now=now)) == ["new"]

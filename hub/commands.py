@@ -36,6 +36,8 @@ from hub.store import utcnow
 log = structlog.get_logger("edgefleet.hub.commands")
 
 KEY_NAME = "hub-command"
+#: Seconds a command must have been pending before the sweeper retries it.
+PENDING_RETRY_AGE = 3.0
 
 
 class CommandError(Exception):
@@ -136,12 +138,17 @@ async def issue(
 
 async def publish(ctx: HubContext, *, cmd_id: str, site: str, envelope: bytes, name: str) -> bool:
     """Publish one recorded command (QoS 1, not retained); True once the broker acknowledged it."""
+    if cmd_id in ctx.publishing:
+        return False
+    ctx.publishing.add(cmd_id)
     try:
         await ctx.link.publish(protocol.topic(site, protocol.Channel.COMMANDS), envelope, qos=1)
     except mqtt.NotConnected as exc:
         ctx.metrics.commands.labels(name=name, outcome="deferred").inc()
         log.warning("command not published yet; will retry", cmd_id=cmd_id, site=site, error=str(exc)[:200])
         return False
+    finally:
+        ctx.publishing.discard(cmd_id)
     await asyncio.to_thread(ctx.store.set_command_state, cmd_id, state="published", published_at=utcnow())
     ctx.metrics.commands.labels(name=name, outcome="published").inc()
     log.info("command published", cmd_id=cmd_id, site=site, command=name)
@@ -153,7 +160,10 @@ async def publish_pending(ctx: HubContext) -> int:
     """Publish commands left pending (no broker at issue time), in per-site sequence order."""
     if ctx.link.client is None:
         return 0
-    rows = await asyncio.to_thread(ctx.store.pending_commands)
+    # Only commands pending for a while: a fresh one is still being published by whoever issued it
+    # (this or another replica). A rare double publish is harmless: agents answer a known cmd_id
+    # with their stored reply and never run it twice.
+    rows = await asyncio.to_thread(ctx.store.pending_commands, min_age=timedelta(seconds=PENDING_RETRY_AGE))
     sent = 0
     for row in rows:
         ok = await publish(

@@ -22,3 +22,5 @@ class HubContext:
     link: Link = field(default_factory=Link)
     #: The command signing key; None when not configured (command endpoints then answer 503).
     command_key: Ed25519PrivateKey | None = None
+    #: Commands this process is publishing right now (so the retry sweep does not publish them twice).
+    publishing: set[str] = field(default_factory=set)

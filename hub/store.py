@@ -590,13 +590,15 @@ class Store:
                 ).rowcount
             )
 
-    def pending_commands(self, *, now: datetime | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def pending_commands(
+        self, *, min_age: timedelta = timedelta(0), now: datetime | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
         now = now or utcnow()
         table = COMMANDS
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(table)
-                .where(table.c.state == "pending", table.c.expires > now)
+                .where(table.c.state == "pending", table.c.expires > now, table.c.updated_at <= now - min_age)
                 .order_by(table.c.site, table.c.seq)
                 .limit(limit)
             ).mappings()

@@ -48,35 +48,8 @@ def archives(spec: model.Spec) -> list[Path]:
 
 
 def references(spec: model.Spec) -> dict[str, list[str]]:
-    """component → image references: the manifest's list, else what the pod specs name."""
-    out: dict[str, list[str]] = {}
-    for unit in spec.units:
-        refs = set(unit.images)
-        if not refs:
-            for obj in unit.objects:
-                refs.update(_pod_images(obj))
-        out[unit.name] = sorted(refs)
-    return out
-
-
-def _pod_images(obj: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key in ("containers", "initContainers", "ephemeralContainers"):
-                for container in node.get(key) or []:
-                    if isinstance(container, dict) and isinstance(container.get("image"), str):
-                        found.add(container["image"])
-            for value in node.values():
-                if isinstance(value, dict | list):
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(obj.get("spec") or {})
-    return found
+    """component → image references: the manifest's list, else what its pod templates name."""
+    return {unit.name: sorted(unit.images) for unit in spec.units}
 
 
 async def load_none(paths: list[Path]) -> list[str]:

@@ -204,8 +204,9 @@ class _Runner:
 
         async def prepare() -> dict[str, Any]:
             prev_refs = journal.load_inventory(self.store, prev.bundle_id if prev else None)
-            new_data = [o for k, o in spec.objects().items() if k not in prev_refs and o["kind"] in model.DATA_BEARING]
-            preexisting = [model.Ref.of(o).key for o in new_data if await apply.exists(self.api, o)]
+            new_data = spec.select(
+                k for k in refs if k not in prev_refs and model.Ref.parse(k).kind in model.DATA_BEARING)
+            preexisting = [key for key, obj in new_data.items() if await apply.exists(self.api, obj)]
             journal.save_inventory(self.store, spec.bundle_id, refs)
             await apply.retrying(lambda: inventory.write(self.api, spec, refs, state="pending"),
                                  what="inventory", deadline=time.monotonic())
@@ -225,7 +226,7 @@ class _Runner:
         async def prune() -> dict[str, Any]:
             if prev is None:
                 return {"deleted": 0, "retained": []}
-            gone = [o for k, o in prev.objects().items() if k not in refs]
+            gone = prev.select(k for k in prev.refs() if k not in refs).values()
             deleted, retained = 0, []
             for obj in apply.delete_order(gone):
                 if obj["kind"] in model.DATA_BEARING:
@@ -251,7 +252,7 @@ class _Runner:
             return {"objects": count}
 
         async def do_gate() -> dict[str, Any]:
-            await gates.wait(self.api, gates.unit_checks(unit), timeout=max(1.0, deadline - time.monotonic()))
+            await gates.wait(self.api, unit.gate_checks, timeout=max(1.0, deadline - time.monotonic()))
             return {}
 
         try:
@@ -292,8 +293,8 @@ class _Runner:
         async def remove() -> dict[str, Any]:
             if spec is None:
                 return {"deleted": 0}
-            prev_keys = set(prev.objects()) if prev else set()
-            doomed = [o for k, o in spec.objects().items() if k not in prev_keys and k not in keep]
+            prev_keys = set(prev.refs()) if prev else set()
+            doomed = spec.select(k for k in spec.refs() if k not in prev_keys and k not in keep).values()
             deleted = 0
             by_order: dict[int, list[dict[str, Any]]] = {}
             for obj in doomed:
@@ -339,7 +340,7 @@ class _Runner:
 
         async def do_gate() -> dict[str, Any]:
             try:
-                await gates.wait(self.api, gates.unit_checks(unit), timeout=max(1.0, deadline - time.monotonic()))
+                await gates.wait(self.api, unit.gate_checks, timeout=max(1.0, deadline - time.monotonic()))
             except gates.GateFailed as exc:
                 unhealthy.append(unit.name)
                 return {"unhealthy": str(exc)}

@@ -101,9 +101,8 @@ class Supervisor:
         await self.health(spec)
         self.next_health = time.monotonic() + self.ctx.config.install.health_interval_seconds
 
-    async def _live(self, spec: model.Spec, kinds: set[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    async def _live(self, kinds: set[tuple[str, str]], selector: str) -> dict[str, dict[str, Any]]:
         live: dict[str, dict[str, Any]] = {}
-        selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}"
         for api_version, kind in sorted(kinds):
             try:
                 items = await kube.list_objects(self.api, api_version, kind, label_selector=selector)
@@ -116,13 +115,12 @@ class Supervisor:
     async def health(self, spec: model.Spec) -> list[dict[str, Any]]:
         from agent import installer
 
-        kinds = {(str(o["apiVersion"]), str(o["kind"])) for u in spec.units for o in u.objects
-                 if o.get("kind") in HEALTH_KINDS}
-        live = await self._live(spec, kinds)
+        kinds = {k for u in spec.units for k in u.kinds if k[1] in HEALTH_KINDS}
+        live = await self._live(kinds, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
         results: dict[str, tuple[bool, str, bool]] = {}
         for unit in spec.units:
             healthy, reason, degraded = True, "", False
-            for check in gates.unit_checks(unit):
+            for check in unit.gate_checks:
                 key = model.Ref(group=str(check["apiVersion"]).rpartition("/")[0], kind=str(check["kind"]),
                                 namespace=str(check.get("namespace") or ""), name=str(check["name"])).key
                 obj = live.get(key)
@@ -138,34 +136,38 @@ class Supervisor:
                 if not ok and healthy:
                     healthy, reason = False, why
             results[unit.name] = (healthy, reason, degraded)
+        del live
         components = installer.component_health(spec, results)
         installer.publish(self.ctx, components=components)
         metrics.refresh(self.ctx.store)
         return components
 
     async def repair(self, spec: model.Spec) -> list[str]:
-        desired = spec.objects()
-        kinds = {(str(o["apiVersion"]), str(o["kind"])) for o in desired.values()}
-        live = await self._live(spec, kinds)
+        """One component at a time, so only one component's objects are ever parsed at once."""
         repaired: list[str] = []
         kinds_fixed: Counter[str] = Counter()
-        for key, obj in sorted(desired.items(), key=lambda kv: render.order_key(kv[1])):
-            have = live.get(key)
-            if have is not None:
-                want = render.keep_live_replicas(obj, have)
-                rv = str((have.get("metadata") or {}).get("resourceVersion", ""))
-                if not differs(want, have) or self.normalised.get(key) == rv:
+        for unit in spec.units:
+            selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY},{model.LABEL_COMPONENT}={unit.name}"
+            live = await self._live(unit.kinds, selector)
+            for obj in sorted(unit.objects, key=render.order_key):
+                key = model.Ref.of(obj).key
+                have = live.get(key)
+                if have is not None:
+                    want = render.keep_live_replicas(obj, have)
+                    rv = str((have.get("metadata") or {}).get("resourceVersion", ""))
+                    if not differs(want, have) or self.normalised.get(key) == rv:
+                        continue
+                try:
+                    after = await apply.apply_object(self.api, obj, deadline=time.monotonic() + 30)
+                except apply.ApplyFailed as exc:
+                    log.warning("drift repair failed", object=str(model.Ref.of(obj)), error=str(exc))
                     continue
-            try:
-                after = await apply.apply_object(self.api, obj, deadline=time.monotonic() + 30)
-            except apply.ApplyFailed as exc:
-                log.warning("drift repair failed", object=str(model.Ref.of(obj)), error=str(exc))
-                continue
-            if differs(render.keep_live_replicas(obj, after), after):
-                self.normalised[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
-            repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
-            kinds_fixed[str(obj["kind"])] += 1
-            metrics.DRIFT_REPAIRS.labels(str(obj["kind"])).inc()
+                if differs(render.keep_live_replicas(obj, after), after):
+                    self.normalised[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
+                repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
+                kinds_fixed[str(obj["kind"])] += 1
+                metrics.DRIFT_REPAIRS.labels(str(obj["kind"])).inc()
+            del live
         if repaired:
             self.ctx.emit(
                 "drift.repaired", f"{len(repaired)} platform objects brought back to {spec.label}",

@@ -186,7 +186,8 @@ async def health(api: Any, checks: list[dict[str, Any]]) -> tuple[bool, str]:
     return True, ""
 
 
-def unit_checks(unit: model.Unit) -> list[dict[str, Any]]:
+def unit_checks(unit: model.Unit, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The component's gate: its declared checks plus those its own objects imply."""
     declared = [normalise(c, namespace=unit.namespace) for c in unit.checks]
     seen = {(c["kind"], c["namespace"], c["name"]) for c in declared}
-    return declared + [c for c in implied_checks(unit.objects) if (c["kind"], c["namespace"], c["name"]) not in seen]
+    return declared + [c for c in implied_checks(objects) if (c["kind"], c["namespace"], c["name"]) not in seen]

@@ -7,9 +7,12 @@ of the engine never touches bundle files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import zstandard
 
 MANAGED_BY = "edgefleet"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -59,9 +62,24 @@ class Ref:
         return f"{self.kind}/{where}{self.name}"
 
 
+def pack(objects: list[dict[str, Any]]) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(json.dumps(objects, separators=(",", ":")).encode())
+
+
+def unpack(blob: bytes) -> list[dict[str, Any]]:
+    if not blob:
+        return []
+    return list(json.loads(zstandard.ZstdDecompressor().decompress(blob)))
+
+
 @dataclass
 class Unit:
-    """One component of a bundle with its rendered objects (labels, namespace, tier policy applied)."""
+    """One component of a bundle with its rendered objects (labels, namespace, tier policy applied).
+
+    The rendered objects are kept zstd-compressed (``blob``) and parsed only while a step
+    needs them: a full platform bundle is ~8 MB of JSON, ~40 MB as Python dicts, which an
+    agent with a 64 MiB budget cannot hold for the current *and* the last good bundle.
+    """
 
     name: str
     layer: int
@@ -72,10 +90,24 @@ class Unit:
     #: Declared checks (see :mod:`agent.install.gates`).
     checks: list[dict[str, Any]] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
-    objects: list[dict[str, Any]] = field(default_factory=list)
+    blob: bytes = b""
+    #: Object keys in apply order, and (apiVersion, kind) pairs: known without unpacking.
+    keys: list[str] = field(default_factory=list)
+    kinds: set[tuple[str, str]] = field(default_factory=set)
+    #: Health checks implied by the unit's own workloads/CRDs plus the declared ones.
+    gate_checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def objects(self) -> list[dict[str, Any]]:
+        return unpack(self.blob)
+
+    def set_objects(self, objects: list[dict[str, Any]]) -> None:
+        self.blob = pack(objects)
+        self.keys = [Ref.of(obj).key for obj in objects]
+        self.kinds = {(str(obj.get("apiVersion")), str(obj.get("kind"))) for obj in objects}
 
     def refs(self) -> dict[str, str]:
-        return {Ref.of(obj).key: self.name for obj in self.objects}
+        return {key: self.name for key in self.keys}
 
 
 @dataclass
@@ -107,7 +139,17 @@ class Spec:
         return out
 
     def objects(self) -> dict[str, dict[str, Any]]:
+        """Every object, parsed (transient use only: see :class:`Unit`)."""
         return {Ref.of(obj).key: obj for unit in self.units for obj in unit.objects}
+
+    def select(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The objects with these keys, parsing one unit at a time."""
+        wanted = set(keys)
+        out: dict[str, dict[str, Any]] = {}
+        for unit in self.units:
+            if wanted.intersection(unit.keys):
+                out.update({k: o for o in unit.objects if (k := Ref.of(o).key) in wanted})
+        return out
 
     def layers(self) -> list[list[Unit]]:
         """Units grouped by layer, 0 → 4, each layer in a stable (name) order."""

@@ -90,8 +90,8 @@ def render(
     policy: Any,
     crds: Mapping[tuple[str, str], bool],
 ) -> dict[str, Any]:
-    out = copy.deepcopy(dict(obj))
-    meta = out.setdefault("metadata", {})
+    out = dict(obj)  # a shallow copy: callers hand over freshly parsed objects
+    meta = out["metadata"] = dict(out.get("metadata") or {})
     if is_namespaced(out, crds):
         if not meta.get("namespace"):
             meta["namespace"] = unit.namespace or "default"
@@ -101,7 +101,8 @@ def render(
     meta.pop("uid", None)
     meta.pop("creationTimestamp", None)
     out.pop("status", None)
-    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+    labels = meta.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
     meta["labels"] = {**labels, **object_labels(unit=unit, bundle_label=bundle_label)}
     path = _POD_TEMPLATE_PATHS.get(str(out.get("kind", "")))
     if path is not None:

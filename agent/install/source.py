@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.install import model, render
+from agent.install import gates, model, render
 from bundles import content
 from bundles.manifest import Manifest, parse_manifest
 
@@ -40,7 +40,6 @@ def load_spec(*, manifest_json: str, bundle_id: str, path: str, default_timeout:
             checks=[c.model_dump(by_alias=True, exclude_none=True) for c in comp.health_checks],
             images=list(comp.images),
         )
-        unit.objects = list(content.load_objects(staged, comp))
         units.append(unit)
     spec = model.Spec(
         bundle_id=bundle_id,
@@ -52,7 +51,7 @@ def load_spec(*, manifest_json: str, bundle_id: str, path: str, default_timeout:
         units=units,
         images_dir=str(staged / "payload" / "images") if (staged / "payload" / "images").is_dir() else None,
     )
-    _render_all(spec, tiers=manifest.tiers)
+    _render_all(spec, tiers=manifest.tiers, staged=staged, components={c.name: c for c in manifest.components})
     check_dag(spec)
     return spec
 
@@ -62,12 +61,20 @@ def skipped(manifest_json: str) -> list[dict[str, Any]]:
     return [{"name": c.name, "needs": list(c.needs)} for c in manifest.components if not c.rendered or not c.files]
 
 
-def _render_all(spec: model.Spec, *, tiers: Any) -> None:
-    crds = render.crd_scopes(obj for unit in spec.units for obj in unit.objects)
+def _render_all(spec: model.Spec, *, tiers: Any, staged: Path, components: dict[str, Any]) -> None:
+    """Load, render and pack one component at a time (peak memory: the largest component).
+
+    CRD scopes are collected in a first cheap pass over the CRDs only, since a custom resource
+    may come before... no: CRDs come from earlier or the same component; one pass suffices
+    because the profile builder rejects custom resources whose CRD is applied later.
+    """
+    crds: dict[tuple[str, str], bool] = {}
     seen: dict[str, str] = {}
     for unit in spec.units:
+        objects = content.load_objects(staged, components[unit.name])
+        crds.update(render.crd_scopes(objects))
         rendered = []
-        for obj in unit.objects:
+        for obj in objects:
             out = render.render(obj, unit=unit, bundle_label=spec.label, policy=tiers or None, crds=crds)
             key = model.Ref.of(out).key
             if key in seen:
@@ -75,7 +82,11 @@ def _render_all(spec: model.Spec, *, tiers: Any) -> None:
                 raise SpecError(f"{model.Ref.of(out)} is in both {seen[key]} and {unit.name}")
             seen[key] = unit.name
             rendered.append(out)
-        unit.objects = rendered
+        unit.set_objects(rendered)
+        unit.gate_checks = gates.unit_checks(unit, rendered)
+        if not unit.images:
+            unit.images = sorted(images_in(rendered))
+        del objects, rendered
 
 
 def check_dag(spec: model.Spec) -> None:
@@ -105,3 +116,26 @@ def check_dag(spec: model.Spec) -> None:
 
 def manifest_of(spec_json: str) -> Manifest:
     return parse_manifest(spec_json.encode())
+
+
+def images_in(objects: list[dict[str, Any]]) -> set[str]:
+    """Image references of every container in the objects' pod templates."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("containers", "initContainers", "ephemeralContainers"):
+                for container in node.get(key) or []:
+                    if isinstance(container, dict) and isinstance(container.get("image"), str):
+                        found.add(container["image"])
+            for value in node.values():
+                if isinstance(value, dict | list):
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for obj in objects:
+        if obj.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"):
+            walk(obj.get("spec") or {})
+    return found

@@ -265,7 +265,9 @@ class Writer:
         self._zw: zstandard.ZstdCompressionWriter | None = None
         self._sink: BinaryIO | zstandard.ZstdCompressionWriter
         if compression == "zstd":
-            params = zstandard.ZstdCompressionParameters.from_level(level, window_log=ZSTD_WINDOW_LOG, threads=0)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, window_log=ZSTD_WINDOW_LOG, threads=0, write_checksum=True
+            )
             cctx = zstandard.ZstdCompressor(compression_params=params)
             self._zw = cctx.stream_writer(out, closefd=False)
             self._sink = self._zw

@@ -287,6 +287,7 @@ async def heartbeat(runtime: Runtime) -> None:
 
 async def serve(config: agent_config.AgentConfig, *, stop: asyncio.Event | None = None) -> int:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
+    kube.last_contact = None  # this daemon's contact, not an earlier one's in the same process (tests)
     store = StateStore.open(config.state_dir)
     try:
         for migrate in MIGRATIONS:

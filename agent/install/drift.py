@@ -106,7 +106,8 @@ class Supervisor:
         for api_version, kind in sorted(kinds):
             try:
                 items = await kube.list_objects(self.api, api_version, kind, label_selector=selector)
-            except kube.UnknownKind:
+            except (kube.UnknownKind, kube.NotFound):
+                kube.forget(self.api, api_version)
                 continue  # its CRD is gone: every object of it is missing
             for item in items:
                 live[model.Ref.of(item).key] = item

@@ -246,7 +246,8 @@ async def managed(api: Any, kinds: Iterable[tuple[str, str]] = KINDS) -> dict[st
         try:
             items = await kube.list_objects(api, api_version, kind,
                                             label_selector="app.kubernetes.io/managed-by=edgefleet")
-        except kube.UnknownKind:
+        except (kube.UnknownKind, kube.NotFound):
+            kube.forget(api, api_version)
             continue
         for item in items:
             out[model.Ref.of(item).key] = item

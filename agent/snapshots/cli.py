@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import structlog
+
 from agent import config as agent_config
-from agent import exitcodes
+from agent import exitcodes, logs
 from agent.context import AgentContext
 from agent.snapshots import binaries, catalog, procs, restore, status, take, verify
 from agent.state import StateStore
@@ -49,6 +52,9 @@ def _fail(code: int, message: str) -> int:
 
 
 def _open(args: argparse.Namespace) -> tuple[agent_config.AgentConfig, StateStore]:
+    # The command prints its own result; events still reach the outbox. Keep stdout for results.
+    logs.setup(level=logging.CRITICAL)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     cfg = agent_config.load(Path(args.config))
     store = StateStore.open(cfg.state_dir)
     catalog.setup(store)

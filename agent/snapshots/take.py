@@ -324,4 +324,3 @@ async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
         ),
     )
     log.info("adopted a verified snapshot file the catalog did not know", name=path.name)
-

@@ -30,9 +30,10 @@ def _staged(tmp_path: Path) -> list[Path]:
         if unit.suffix not in {".service", ".path"}:
             continue
         text = unit.read_text()
-        if unit.suffix == ".service":
+        if unit.suffix == ".service" and "@" not in unit.name:
             assert INSTALLED_BINARY in text
-        target = tmp_path / unit.name
+        # A template is verified through an instance (the udev rule starts e.g. edgefleet-usb@sdb1.service).
+        target = tmp_path / unit.name.replace("@.", "@sdb1.")
         target.write_text(text.replace(INSTALLED_BINARY, binary))
         staged.append(target)
     return staged
@@ -40,7 +41,12 @@ def _staged(tmp_path: Path) -> list[Path]:
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     units = _staged(tmp_path)
-    assert {u.name for u in units} == {"edgefleet-agent.service", "edgefleet-inbox.path", "edgefleet-inbox.service"}
+    assert {u.name for u in units} == {
+        "edgefleet-agent.service",
+        "edgefleet-inbox.path",
+        "edgefleet-inbox.service",
+        "edgefleet-usb@sdb1.service",
+    }
     result = subprocess.run(
         ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )

@@ -288,3 +288,32 @@ async def wait_for(predicate: Any, *, timeout: float = 30.0, interval: float = 0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+async def agent(config: Path, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 180) -> tuple[int, str, str]:
+    """Run ``edgefleet-agent`` as a real subprocess without blocking the loop the sim runs on."""
+    full_env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_FAILPOINT"}
+    full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
+    proc = await asyncio.create_subprocess_exec(
+        *AGENT, "--config", str(config), *args, env=full_env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return int(proc.returncode or 0), out.decode(), err.decode()
+
+
+def state_of(config: Path) -> dict[str, Any]:
+    """What the agent's own state says (a fresh read, as `install status` would)."""
+    from agent import installer
+
+    ctx = context(config)
+    try:
+        return installer.report(ctx.store)
+    finally:
+        ctx.store.close()

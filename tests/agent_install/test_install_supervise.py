@@ -1,0 +1,174 @@
+"""Supervision against the sim: drift repair, degraded workloads, health roll-up, API outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from install_kit import context, events, managed, site_v1, wait_for, which_bundle
+
+from agent import intake, installer, kube, sitestatus
+from agent.install import drift, journal, model
+
+VERSIONS = {"1.0.0": site_v1()}
+
+
+async def _installed(config: Path, api: Any, bundle: Path) -> Any:
+    ctx = context(config)
+    await intake.import_bundle(ctx, bundle)
+    run = await installer.run_pending(ctx, api)
+    assert run is not None and run.state == "committed"
+    return ctx
+
+
+async def test_drift_restores_deleted_and_modified_objects(
+    site_config: Path, api: Any, bundles: dict[str, Path]
+) -> None:
+    ctx = await _installed(site_config, api, bundles["1.0.0"])
+    spec = installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    sup = drift.Supervisor(ctx, api)
+    assert await sup.repair(spec) == []  # nothing drifted yet
+    await kube.delete(api, "apps/v1", "Deployment", "web", namespace="demo-a")
+    await kube.delete(api, "example.com/v1", "Widget", "gizmo", namespace="demo-b")
+    await kube.patch(api, "v1", "ConfigMap", "app-a-config", {"data": {"mode": "hacked"}}, namespace="demo-a",
+                     field_manager="kubectl-edit")
+    await kube.patch(api, "v1", "Service", "web", {"metadata": {"labels": {model.LABEL_COMPONENT: None}}},
+                     namespace="demo-a", field_manager="kubectl-edit")
+    await kube.patch(api, "apps/v1", "StatefulSet", "db", {"spec": {"template": {"spec": {"containers": [
+        {"name": "db", "image": "postgres:9"}]}}}}, namespace="demo-b", patch_type="strategic",
+        field_manager="kubectl-edit")
+    assert await which_bundle(api, VERSIONS) is None
+    repaired = await sup.repair(spec)
+    assert len(repaired) == 5, repaired
+    assert await which_bundle(api, VERSIONS) == "1.0.0"
+    live = await managed(api)
+    assert live["apps/StatefulSet/demo-b/db"]["spec"]["template"]["spec"]["containers"][0]["image"] == "postgres:16"
+    [event] = events(ctx.store, "drift.repaired")
+    assert len(event["data"]["objects"]) == 5
+    assert await sup.repair(spec) == []  # repaired for good: no apply loop
+
+    async def healthy() -> bool:
+        components = await sup.health(spec)
+        return all(c["healthy"] for c in components)
+
+    await wait_for(healthy, timeout=30)
+    status = ctx.store.get(sitestatus.INSTALL_KEY)
+    assert status["healthy"] and set(status["layers"]) == {"0", "1", "2", "3"}
+
+
+async def test_degraded_workload_keeps_its_replicas(site_config: Path, api: Any, bundles: dict[str, Path]) -> None:
+    ctx = await _installed(site_config, api, bundles["1.0.0"])
+    # What the degradation controller does: record the bundle's count, scale down, own the field.
+    await kube.patch(api, "apps/v1", "Deployment", "web",
+                     {"metadata": {"annotations": {model.ANNOTATION_ORIGINAL_REPLICAS: "2"}}, "spec": {"replicas": 0}},
+                     namespace="demo-a", field_manager="edgefleet-degradation")
+    spec = installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    sup = drift.Supervisor(ctx, api)
+    await sup.repair(spec)
+    web = await kube.get(api, "apps/v1", "Deployment", "web", namespace="demo-a")
+    assert web is not None and web["spec"]["replicas"] == 0
+    # A re-install of the same bundle does not scale it back up either.
+    await intake.import_bundle(ctx, bundles["1.0.0"])
+    run = await installer.run_pending(ctx, api)
+    assert run is not None and run.state == "committed"
+    web = await kube.get(api, "apps/v1", "Deployment", "web", namespace="demo-a")
+    assert web is not None and web["spec"]["replicas"] == 0
+    components = {c["name"]: c for c in await sup.health(spec)}
+    assert components["app-a"]["degraded"] and components["app-a"]["healthy"]
+
+
+class Proxy:
+    """A TCP proxy we can cut: the API server 'unreachable' as the agent sees it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_agent_survives_api_outage(
+    site: Any, site_config: Path, api: Any, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    kubeconfig = yaml.safe_load(Path(site.kubeconfig).read_text())
+    server = kubeconfig["clusters"][0]["cluster"]["server"]
+    proxy = Proxy(int(server.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.start()
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{proxy.port}"
+    proxied = tmp_path / "proxied.kubeconfig"
+    proxied.write_text(yaml.safe_dump(kubeconfig))
+    config = yaml.safe_load(site_config.read_text())
+    config["kubeconfig"] = str(proxied)
+    config["install"]["health_interval_seconds"] = 0.5
+    site_config.write_text(yaml.safe_dump(config))
+    ctx = context(site_config)
+    task = asyncio.create_task(installer.run(ctx))  # the daemon's installer task
+    try:
+        await intake.import_bundle(ctx, bundles["1.0.0"])
+
+        async def applying() -> bool:
+            run = journal.active_run(ctx.store)
+            return run is not None and run.position.startswith(("apply:app", "gate:app"))
+
+        await wait_for(applying, timeout=30, interval=0.02)
+        await proxy.cut()  # mid-install
+        await asyncio.sleep(4)
+        assert not task.done()
+        assert journal.active_run(ctx.store) is not None  # waiting, not failed or rolled back
+        await proxy.start()
+
+        async def committed() -> bool:
+            return installer.report(ctx.store)["current"] == "site-1.0.0"
+
+        await wait_for(committed, timeout=60)
+        assert await which_bundle(api, VERSIONS) == "1.0.0"
+        await proxy.cut()  # while supervising
+        await asyncio.sleep(3)
+        assert not task.done()
+        await proxy.start()
+        await kube.delete(api, "v1", "ConfigMap", "ui-config", namespace="demo-a")
+
+        async def healthy_again() -> bool:
+            status = ctx.store.get(sitestatus.INSTALL_KEY)
+            return bool(status.get("healthy"))
+
+        await wait_for(healthy_again, timeout=30)
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            await proxy.cut()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from install_kit import agent, context, managed, site_bad, site_v1, site_v2, state_of, which_bundle
 
-from agent import intake, installer
+from agent import installer, intake
 
 VERSIONS = {"1.0.0": site_v1(), "2.0.0": site_v2(), "3.0.0": site_bad()}
 FAST = {"apply:app-a#2", "prune@done", "rollback:remove"}

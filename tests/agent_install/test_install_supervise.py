@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from install_kit import context, events, managed, site_v1, wait_for, which_bundle
 
-from agent import intake, installer, kube, sitestatus
+from agent import installer, intake, kube, sitestatus
 from agent.install import drift, journal, model
 
 VERSIONS = {"1.0.0": site_v1()}

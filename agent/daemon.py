@@ -14,9 +14,9 @@ then systemd restarts it (``Restart=on-failure``): every task keeps its state in
 restart resumes where it was.
 
 Shutdown: new work stops (``/readyz`` turns 503, ``STOPPING=1``), every task is cancelled and
-gets ``daemon.drain_seconds`` to unwind; tasks still running after that are abandoned (their
-state is journaled, so the next start resumes them). Keep the drain below systemd's
-``TimeoutStopSec``.
+gets ``daemon.drain_seconds`` to unwind; a task still running after that is logged, cancelled
+once more at loop shutdown, and otherwise left to systemd's ``TimeoutStopSec`` (its state is
+journaled, so the next start resumes it). Keep the drain below ``TimeoutStopSec``.
 
 systemd: ``READY=1`` once the tasks are started, ``STATUS=`` with a one-line site summary every
 ``daemon.status_interval_seconds``, ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` from the
@@ -96,7 +96,7 @@ async def kube_probe(ctx: AgentContext) -> None:
         if reachable is not False:
             ctx.emit(
                 "kube.unreachable",
-                f"the Kubernetes API server does not answer: {error}"[:500],
+                f"the Kubernetes API server is not usable: {error}"[:500],
                 severity=protocol.Severity.WARNING,
             )
             reachable = False
@@ -299,6 +299,14 @@ async def serve(config: agent_config.AgentConfig, *, stop: asyncio.Event | None 
         store.close()
 
 
+def _emit_quietly(ctx: AgentContext, type: str, summary: str, **kwargs: Any) -> None:
+    """Emit an event the daemon can live without (a full disk must not stop it starting or stopping)."""
+    try:
+        ctx.emit(type, summary, **kwargs)
+    except sqlite3.Error as exc:
+        log.warning("could not record event", event_type=type, error=str(exc))
+
+
 async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
     ctx = runtime.ctx
     loop = asyncio.get_running_loop()
@@ -307,13 +315,23 @@ async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
     metrics.AGENT.info({"version": sitestatus.AGENT_VERSION, "site": ctx.site})
     metrics.STARTED.set(runtime.started)
     metrics.refresh(ctx.store)
-    web = await httpd.start(runtime) if ctx.config.http.enabled else None
-    if web is not None:
-        runtime.http_address = web.address
+    web = None
+    if ctx.config.http.enabled:
+        try:
+            web = await httpd.start(runtime)
+            runtime.http_address = web.address
+        except OSError as exc:  # e.g. port taken: supervising the platform matters more than the endpoint
+            log.error("http endpoint not started", host=ctx.config.http.host, port=ctx.config.http.port, error=str(exc))
+            _emit_quietly(
+                ctx,
+                "agent.http-failed",
+                f"local HTTP endpoint {ctx.config.http.host}:{ctx.config.http.port} not started: {exc}",
+                severity=protocol.Severity.WARNING,
+            )
     pulse = asyncio.create_task(heartbeat(runtime), name="heartbeat")
     tasks = [asyncio.create_task(supervise(name, func, runtime), name=name) for name, func in TASKS]
     runtime.persist()
-    ctx.emit("agent.started", f"agent {sitestatus.AGENT_VERSION} started", data={"pid": os.getpid()})
+    _emit_quietly(ctx, "agent.started", f"agent {sitestatus.AGENT_VERSION} started", data={"pid": os.getpid()})
     log.info("agent started", site=ctx.site, tasks=[name for name, _ in TASKS], http=runtime.http_address)
     sdnotify.ready(summary(runtime))
     try:
@@ -335,10 +353,7 @@ async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
         if web is not None:
             await web.close()
         runtime.persist()
-    try:
-        ctx.emit("agent.stopped", "agent stopped cleanly")
-    except sqlite3.Error as exc:
-        log.warning("could not record the stop event", error=str(exc))
+    _emit_quietly(ctx, "agent.stopped", "agent stopped cleanly")
     log.info("agent stopped")
     return exitcodes.OK
 

@@ -112,6 +112,8 @@ K3S_KUBECONFIG = Path("/etc/rancher/k3s/k3s.yaml")
 #: Per-request timeout; a hung API server must not hang a task forever.
 REQUEST_TIMEOUT_SECONDS = 30.0
 _UNAVAILABLE_STATUSES = {502, 503, 504}
+#: Answers that do not count as contact for readiness: the agent cannot work with these credentials.
+_UNUSABLE_STATUSES = {401, 403}
 
 #: ``time.monotonic()`` of the last successful answer from any API server (for ``/readyz``).
 last_contact: float | None = None
@@ -263,8 +265,8 @@ async def request(
             _request_timeout=timeout,
         )
     except ApiException as exc:
-        if int(getattr(exc, "status", 0) or 0) not in _UNAVAILABLE_STATUSES | {0}:
-            last_contact = time.monotonic()  # it answered, just not what we wanted
+        if int(getattr(exc, "status", 0) or 0) not in _UNAVAILABLE_STATUSES | _UNUSABLE_STATUSES | {0}:
+            last_contact = time.monotonic()  # it answered (e.g. 404, 409), just not what we wanted
         raise _error_from(exc) from None
     except (aiohttp.ClientError, ssl.SSLError, OSError, TimeoutError) as exc:
         raise KubeUnavailable(f"API server unreachable: {type(exc).__name__}: {exc}") from None

@@ -111,10 +111,12 @@ async def test_tls_token_ssa_get_list_patch_delete(tmp_path: Path) -> None:
         doc["users"][0]["user"]["token"] = "wrong"
         bad = tmp_path / "bad-kubeconfig"
         bad.write_text(yaml.safe_dump(doc))
+        kube.last_contact = None
         async with kube.connect(bad) as api:
             with pytest.raises(kube.KubeError) as info:
                 await kube.ping(api)
             assert info.value.status == 401 and not isinstance(info.value, kube.KubeUnavailable)
+        assert kube.last_contact is None, "a 401 is no usable contact (readiness must not pass on it)"
 
 
 async def test_discovery_picks_up_a_crd_once_established() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,35 @@ async def test_drain_is_bounded_when_a_task_ignores_cancellation(
     assert code == 0 and cancelled.is_set()
     release.set()
     await asyncio.sleep(0)
+
+
+async def test_http_port_taken_is_reported_and_the_daemon_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = 0
+
+    async def worker(ctx: AgentContext) -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(daemon, "TASKS", [("worker", worker)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = agent_config.load(write_config(tmp_path, http={"port": port}))
+        stop = asyncio.Event()
+        server = asyncio.create_task(daemon.serve(config, stop=stop))
+        while ticks < 5:
+            await asyncio.sleep(0.02)
+        stop.set()
+        assert await asyncio.wait_for(server, 20) == 0
+    store = StateStore.open(config.state_dir)
+    try:
+        failed = _events(store, "agent.http-failed")
+        assert len(failed) == 1 and str(port) in failed[0]["summary"]
+        assert store.get(daemon.STATE_KEY)["http"] is None
+    finally:
+        store.close()

@@ -343,7 +343,6 @@ class ApiServer:
                                        reset=reset)
                 mf = merged["metadata"].pop("managedFields", None)
                 created = self.create(res, namespace, merged, manager="", dry_run=True, internal=True)
-                created.pop("status", None) if "status" in reset else None
                 created["metadata"]["managedFields"] = mf
                 if dry_run:
                     return created

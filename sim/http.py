@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sim import errors, openapi, resources, tables
+from sim import errors, openapi, protobuf, resources, tables
 from sim.store import Entry, Gone, dumps
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 JSON = "application/json"
 AGG_V2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 BOOKMARK_SECONDS = 1.0
+PB_OPENAPI_V2 = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 
 
 def _json(doc: Any, status: int = 200, content_type: str = JSON) -> web.Response:
@@ -124,7 +125,13 @@ class Handlers:
         return _json(resources.api_group_list(self.registry))
 
     async def openapi_v2(self, request: web.Request) -> web.Response:
-        raise errors.not_found_resource()
+        """An empty OpenAPI v2 document: kubectl falls back to it (client-side validation) only for kinds the
+        v3 documents do not cover (removed APIs, kinds without a CRD, ``List``), and skips validating kinds it
+        does not find in it, so those objects then fail on the resource mapping exactly as on a real server."""
+        if "protobuf" in request.headers.get("Accept", ""):
+            return web.Response(body=b"", headers={"Content-Type": PB_OPENAPI_V2})
+        return _json({"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.33.4+k3s1"}, "paths": {},
+                      "definitions": {}})
 
     async def openapi_v3_root(self, request: web.Request) -> web.Response:
         return _json(openapi.root(self.registry))
@@ -331,6 +338,11 @@ class Handlers:
         raw = await request.read()
         if not raw:
             raise errors.bad_request("the body of the request was empty")
+        if request.headers.get("Content-Type", "").startswith("application/vnd.kubernetes.protobuf"):
+            try:
+                return protobuf.decode(raw)
+            except protobuf.ProtobufError as exc:
+                raise errors.ApiError(415, str(exc)) from exc
         return parse_body(raw)
 
     async def _create(self, request: web.Request, res: resources.Resource, ns: str) -> web.Response:

@@ -270,6 +270,8 @@ def render(report: dict[str, Any], *, site: str) -> str:
         lines.append("  recent events (unsent, newest first):")
         for e in events:
             lines.append(f"    {e.get('ts')} {str(e.get('severity')).upper():7} {e.get('type')}: {e.get('summary')}")
+    else:
+        lines.append("  events:    none waiting (delivered ones: journalctl -u edgefleet-agent)")
     return "\n".join(lines) + "\n"
 
 

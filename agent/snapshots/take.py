@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -145,19 +146,28 @@ async def _take_locked(
     raw_part = directory / f"{raw_name}.part"
     final = directory / name
     zst_part = directory / f"{name}.part" if cfg.compress else None
+    etcdctl_part = directory / f"{raw_name}.part.part"  # etcdctl's own temporary file
     started = time.monotonic()
     try:
-        await backends.save(cfg, raw_part)
+        for stale in (raw_part, etcdctl_part):
+            stale.unlink(missing_ok=True)
+        streamed = await _save(ctx, raw_part, growing=etcdctl_part, compress_to=zst_part)
         if not raw_part.is_file():
             raise backends.BackendError(f"{cfg.backend}: reported success but wrote no file")
         await asyncio.to_thread(verify.fsync_path, raw_part)
+        if streamed is None and zst_part is not None:
+            zst_part.unlink(missing_ok=True)
         etcd_status, digest = await verify.verify_raw(
-            raw_part, etcdutl=etcdutl, timeout=cfg.timeout_seconds, compress_to=zst_part, level=cfg.zstd_level
+            raw_part,
+            etcdutl=etcdutl,
+            timeout=cfg.timeout_seconds,
+            compress_to=zst_part,
+            level=cfg.zstd_level,
+            digest=streamed,
         )
         os.replace(zst_part or raw_part, final)
         fsync_dir(directory)
     finally:
-        etcdctl_part = directory / f"{raw_name}.part.part"  # etcdctl's own temporary file
         for leftover in (raw_part, zst_part, etcdctl_part):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
@@ -179,8 +189,31 @@ async def _take_locked(
         verified=True,
         verified_at=datetime.now(UTC),
     )
-    catalog.add(ctx.store, entry)
     return entry
+
+
+async def _save(ctx: AgentContext, dest: Path, *, growing: Path, compress_to: Path | None) -> verify.Digest | None:
+    """Run the backend; for etcdctl, digest (and compress) the file while it downloads.
+
+    Returns the streamed digest, or None when the file must be digested afterwards (k3s
+    backend, or the follower could not vouch for what it read).
+    """
+    cfg = ctx.config.snapshots
+    if cfg.backend != "etcdctl":
+        await backends.save(cfg, dest)
+        return None
+    done = threading.Event()
+    follower = asyncio.create_task(
+        asyncio.to_thread(verify.follow, growing, final=dest, done=done, compress_to=compress_to, level=cfg.zstd_level)
+    )
+    try:
+        await backends.save(cfg, dest)
+    except BaseException:
+        done.set()
+        await asyncio.gather(follower, return_exceptions=True)
+        raise
+    done.set()
+    return await follower
 
 
 def apply_retention(ctx: AgentContext, *, now: datetime) -> list[catalog.Entry]:
@@ -207,16 +240,18 @@ async def take(
     """Take, verify, record and report one snapshot. Never raises for snapshot problems.
 
     Every outcome becomes an event (``snapshot.succeeded``/``failed``/``refused``) and updates
-    ``site.snapshot``; the caller decides about retries.
+    ``site.snapshot``; the caller decides about retries. The caller has run :func:`catalog.setup`.
     """
-    catalog.setup(ctx.store)
-    cfg = ctx.config.snapshots
     directory = ctx.config.snapshot_dir
     started = now or datetime.now(UTC)
     try:
         async with locked(directory, wait=lock_wait):
             entry = await _take_locked(ctx, trigger=trigger, directory=directory, free_bytes=free_bytes, now=started)
-            removed = apply_retention(ctx, now=started)
+            # One transaction (one fsync): the row, retention, counters, status and event land together.
+            with ctx.store.transaction():
+                catalog.add(ctx.store, entry)
+                removed = apply_retention(ctx, now=started)
+                _succeeded(ctx, entry, removed=removed, trigger=trigger, at=started)
     except Refused as exc:
         return _fail(ctx, kind="refused", message=str(exc), trigger=trigger, at=started)
     except (backends.BackendError, verify.VerificationFailed, Busy) as exc:
@@ -229,9 +264,16 @@ async def take(
             trigger=trigger,
             at=started,
         )
-    status.record_success(ctx.store, at=started)
     metrics.SNAPSHOTS.labels("succeeded").inc()
-    status.publish(ctx.store, cfg)
+    ctx.report_now.set()
+    return Outcome(ok=True, kind="succeeded", message=f"{entry.name} verified", entry=entry)
+
+
+def _succeeded(
+    ctx: AgentContext, entry: catalog.Entry, *, removed: list[catalog.Entry], trigger: str, at: datetime
+) -> None:
+    status.record_success(ctx.store, at=at)
+    status.publish(ctx.store, ctx.config.snapshots)
     ctx.emit(
         "snapshot.succeeded",
         f"etcd snapshot {entry.name} taken and verified (revision {entry.revision}, {_human(entry.file_size)})",
@@ -248,22 +290,20 @@ async def take(
             "removed": [e.name for e in removed],
         },
     )
-    ctx.report_now.set()
-    return Outcome(ok=True, kind="succeeded", message=f"{entry.name} verified", entry=entry)
 
 
 def _fail(ctx: AgentContext, *, kind: str, message: str, trigger: str, at: datetime) -> Outcome:
-    consecutive = status.record_failure(ctx.store, reason=message, at=at)
-    metrics.SNAPSHOTS.labels(kind).inc()
-    status.publish(ctx.store, ctx.config.snapshots)
     severity = protocol.Severity.WARNING if kind == "refused" else protocol.Severity.ERROR
-    verb = "refused" if kind == "refused" else "failed"
-    ctx.emit(
-        f"snapshot.{kind}",
-        f"etcd snapshot {verb}: {message}",
-        severity=severity,
-        data={"trigger": trigger, "reason": message[:500], "consecutive_failures": consecutive},
-    )
+    with ctx.store.transaction():
+        consecutive = status.record_failure(ctx.store, reason=message, at=at)
+        status.publish(ctx.store, ctx.config.snapshots)
+        ctx.emit(
+            f"snapshot.{kind}",
+            f"etcd snapshot {kind}: {message}",
+            severity=severity,
+            data={"trigger": trigger, "reason": message[:500], "consecutive_failures": consecutive},
+        )
+    metrics.SNAPSHOTS.labels(kind).inc()
     ctx.report_now.set()
     return Outcome(ok=False, kind=kind, message=message)
 

@@ -20,9 +20,11 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, BinaryIO, cast
 
 import zstandard
 
@@ -61,11 +63,71 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _check_trailer(body_hash: Any, trailer: bytes, size: int) -> None:
-    if size < TRAILER + 4096:
-        raise VerificationFailed(f"snapshot is truncated ({size} bytes)")
-    if body_hash.digest() != trailer:
-        raise VerificationFailed("sha256 trailer mismatch: the snapshot is corrupted or truncated")
+class _Digester:
+    """Streaming sha256 + trailer check (+ zstd), for data whose total length is not known yet.
+
+    The last 32 bytes seen so far are held back from the hash: when the stream ends, the hash
+    state *is* sha256(body), compared with the held-back trailer, and then continues over the
+    trailer to give sha256(whole file). One pass, one hash.
+    """
+
+    def __init__(self, *, compress_to: Path | None, level: int) -> None:
+        self.hasher = hashlib.sha256()
+        self.tail = b""
+        self.size = 0
+        self.compress_to = compress_to
+        self.out: BinaryIO | None = open(compress_to, "xb") if compress_to is not None else None  # noqa: SIM115
+        self.compressor = zstandard.ZstdCompressor(level=level).compressobj() if compress_to is not None else None
+        self.out_hash = hashlib.sha256()
+        self.out_size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if len(chunk) >= TRAILER:
+            self.hasher.update(self.tail)
+            self.hasher.update(memoryview(chunk)[:-TRAILER])
+            self.tail = chunk[-TRAILER:]
+        else:
+            data = self.tail + chunk
+            self.hasher.update(data[:-TRAILER])
+            self.tail = data[-TRAILER:]
+        if self.compressor is not None:
+            self._write(self.compressor.compress(chunk))
+
+    def _write(self, data: bytes) -> None:
+        assert self.out is not None
+        self.out.write(data)
+        self.out_hash.update(data)
+        self.out_size += len(data)
+
+    def discard(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+        if self.compress_to is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.compress_to)
+
+    def finish(self) -> Digest:
+        try:
+            if self.size < TRAILER + 4096:
+                raise VerificationFailed(f"snapshot is truncated ({self.size} bytes)")
+            if self.hasher.digest() != self.tail:
+                raise VerificationFailed("sha256 trailer mismatch: the snapshot is corrupted or truncated")
+            if self.compressor is not None and self.out is not None:
+                self._write(self.compressor.flush())
+                self.out.flush()
+                os.fsync(self.out.fileno())
+                self.out.close()
+                self.out = None
+        except BaseException:
+            self.discard()
+            raise
+        self.hasher.update(self.tail)
+        raw_sha = self.hasher.hexdigest()
+        if self.compressor is None:
+            return Digest(size=self.size, sha256=raw_sha, file_size=self.size, file_sha256=raw_sha)
+        return Digest(size=self.size, sha256=raw_sha, file_size=self.out_size, file_sha256=self.out_hash.hexdigest())
 
 
 def digest_raw(path: Path, *, compress_to: Path | None = None, level: int = 3) -> Digest:
@@ -73,46 +135,62 @@ def digest_raw(path: Path, *, compress_to: Path | None = None, level: int = 3) -
 
     Runs in a worker thread; hashlib and zstd release the GIL on large buffers.
     """
-    body = hashlib.sha256()
-    whole = hashlib.sha256()
-    out_hash = hashlib.sha256()
-    size = path.stat().st_size
-    remaining_body = size - TRAILER
-    trailer = b""
-    compressor = zstandard.ZstdCompressor(level=level).compressobj() if compress_to is not None else None
-    out = open(compress_to, "xb") if compress_to is not None else None  # noqa: SIM115 - closed below
-    out_size = 0
+    digester = _Digester(compress_to=compress_to, level=level)
     try:
         with open(path, "rb") as src:
             while chunk := src.read(CHUNK):
-                whole.update(chunk)
-                if remaining_body > 0:
-                    part = chunk[:remaining_body]
-                    body.update(part)
-                    remaining_body -= len(part)
-                    trailer += chunk[len(part) :]
+                digester.feed(chunk)
+    except BaseException:
+        digester.discard()
+        raise
+    return digester.finish()
+
+
+def follow(
+    growing: Path, *, final: Path, done: threading.Event, compress_to: Path | None = None, level: int = 3
+) -> Digest | None:
+    """Digest a file *while* another process writes it, so verification overlaps the download.
+
+    ``etcdctl snapshot save DEST`` streams into ``DEST.part``, fsyncs and renames it to ``DEST``.
+    We open ``DEST.part`` as soon as it appears and read what has been appended; once ``done`` is
+    set (the writer exited) we drain the open descriptor, which still names the same inode after
+    the rename. The result counts only if that inode is ``final`` and we read exactly its size;
+    otherwise (the writer did something unexpected) this returns None and the caller digests
+    ``final`` afterwards. A torn read can only make the trailer check fail, never pass.
+    """
+    fd = None
+    while fd is None:
+        try:
+            fd = os.open(growing, os.O_RDONLY)
+        except FileNotFoundError:
+            if done.is_set():
+                return None
+            time.sleep(0.01)
+    digester = _Digester(compress_to=compress_to, level=level)
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as src:
+            while True:
+                finished = done.is_set()  # read *after* checking, so nothing written before "done" is missed
+                chunk = src.read(CHUNK)
+                if chunk:
+                    digester.feed(chunk)
+                elif finished:
+                    break
                 else:
-                    trailer += chunk
-                if compressor is not None and out is not None:
-                    data = compressor.compress(chunk)
-                    out.write(data)
-                    out_hash.update(data)
-                    out_size += len(data)
-        if compressor is not None and out is not None:
-            data = compressor.flush()
-            out.write(data)
-            out_hash.update(data)
-            out_size += len(data)
-            out.flush()
-            os.fsync(out.fileno())
-    finally:
-        if out is not None:
-            out.close()
-    _check_trailer(body, trailer[-TRAILER:], size)
-    raw_sha = whole.hexdigest()
-    if compress_to is None:
-        return Digest(size=size, sha256=raw_sha, file_size=size, file_sha256=raw_sha)
-    return Digest(size=size, sha256=raw_sha, file_size=out_size, file_sha256=out_hash.hexdigest())
+                    time.sleep(0.01)
+            ours = os.fstat(src.fileno())
+        try:
+            theirs = os.stat(final)
+        except FileNotFoundError:
+            digester.discard()
+            return None
+        if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino) or theirs.st_size != digester.size:
+            digester.discard()
+            return None
+    except BaseException:
+        digester.discard()
+        raise
+    return digester.finish()
 
 
 async def etcd_status(etcdutl: Path, path: Path, *, timeout: float) -> Status:
@@ -136,16 +214,29 @@ async def etcd_status(etcdutl: Path, path: Path, *, timeout: float) -> Status:
 
 
 async def verify_raw(
-    path: Path, *, etcdutl: Path, timeout: float, compress_to: Path | None = None, level: int = 3
+    path: Path,
+    *,
+    etcdutl: Path,
+    timeout: float,
+    compress_to: Path | None = None,
+    level: int = 3,
+    digest: Digest | None = None,
 ) -> tuple[Status, Digest]:
-    """Both checks at once on a raw snapshot; compress while hashing if asked."""
-    digest_task = asyncio.create_task(asyncio.to_thread(digest_raw, path, compress_to=compress_to, level=level))
-    try:
+    """Both checks at once on a raw snapshot; compress while hashing if asked.
+
+    ``digest``: already computed while the file was written (:func:`follow`); then only
+    ``etcdutl`` remains to run.
+    """
+    if digest is not None:
         status = await etcd_status(etcdutl, path, timeout=timeout)
-    except BaseException:
-        await asyncio.gather(digest_task, return_exceptions=True)
-        raise
-    digest = await digest_task
+    else:
+        digest_task = asyncio.create_task(asyncio.to_thread(digest_raw, path, compress_to=compress_to, level=level))
+        try:
+            status = await etcd_status(etcdutl, path, timeout=timeout)
+        except BaseException:
+            await asyncio.gather(digest_task, return_exceptions=True)
+            raise
+        digest = await digest_task
     if status.total_size > digest.size:
         raise VerificationFailed(f"etcdutl reports {status.total_size} bytes but the file has {digest.size}")
     return status, digest

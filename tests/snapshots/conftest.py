@@ -33,9 +33,7 @@ def make_ctx(tmp_path: Path) -> Iterator[MakeCtx]:
         settings: dict[str, Any] = {"preset": "custom", "endpoint": endpoint, "min_free_bytes": 0}
         settings["timeout_seconds"] = 30
         settings.update(snapshot)
-        config = AgentConfig(
-            site_id="site-a", state_dir=tmp_path / "state", snapshots=SnapshotConfig(**settings)
-        )
+        config = AgentConfig(site_id="site-a", state_dir=tmp_path / "state", snapshots=SnapshotConfig(**settings))
         store = StateStore.open(config.state_dir)
         stores.append(store)
         outbox.setup(store)

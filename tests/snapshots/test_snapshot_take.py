@@ -58,7 +58,7 @@ async def test_snapshot_is_taken_verified_recorded_and_reported(etcd: devetcd.No
 
 
 async def _take_with_damage(etcd: devetcd.Node, make_ctx: MakeCtx, tmp_path: Path, monkeypatch, damage: str):
-    """A wrapper etcdctl on PATH: runs the real one, then damages the file it wrote."""
+    """A wrapper etcdctl on PATH: runs the real one, then writes a damaged copy as etcdctl does (.part, rename)."""
     real = binaries.find("etcdctl")
     _stub(
         tmp_path / "bin",
@@ -70,15 +70,15 @@ async def _take_with_damage(etcd: devetcd.Node, make_ctx: MakeCtx, tmp_path: Pat
         python3 - "$last" <<'PY'
         import os, sys
         path = sys.argv[1]
-        size = os.path.getsize(path)
+        data = bytearray(open(path, "rb").read())
+        os.unlink(path)
         if "{damage}" == "truncate":
-            os.truncate(path, size // 2)
+            data = data[: len(data) // 2]
         else:
-            with open(path, "r+b") as f:
-                f.seek(size // 2)
-                byte = f.read(1)
-                f.seek(size // 2)
-                f.write(bytes([byte[0] ^ 0xFF]))
+            data[len(data) // 2] ^= 0xFF
+        with open(path + ".part", "wb") as f:
+            f.write(data)
+        os.rename(path + ".part", path)
         PY
         """,
     )
@@ -220,9 +220,22 @@ async def test_reconcile_after_a_crash(etcd, make_ctx):
 def _entry(name: str, hours_ago: float, *, verified: bool = True) -> catalog.Entry:
     now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
     return catalog.Entry(
-        name=name, path=Path(name), taken=now - dt.timedelta(hours=hours_ago), duration=1, backend="etcdctl",
-        trigger="scheduled", revision=1, total_keys=1, etcd_hash=1, size=1, sha256="", file_size=1,
-        file_sha256="", compressed=True, verified=verified, verified_at=now,
+        name=name,
+        path=Path(name),
+        taken=now - dt.timedelta(hours=hours_ago),
+        duration=1,
+        backend="etcdctl",
+        trigger="scheduled",
+        revision=1,
+        total_keys=1,
+        etcd_hash=1,
+        size=1,
+        sha256="",
+        file_size=1,
+        file_sha256="",
+        compressed=True,
+        verified=verified,
+        verified_at=now,
     )
 
 
@@ -236,9 +249,30 @@ def test_retention_rules():
     assert names(catalog.expired(entries, keep=None, max_age=None, now=now)) == ["bad"]
     # Everything is too old (clock jumped, or snapshots failing for weeks): the newest verified stays.
     later = now + dt.timedelta(days=365)
-    assert names(catalog.expired(entries, keep=None, max_age=dt.timedelta(days=1), now=later)) == [
-        "b", "bad", "c", "d"
-    ]
+    assert names(catalog.expired(entries, keep=None, max_age=dt.timedelta(days=1), now=later)) == ["b", "bad", "c", "d"]
     # The newest is unverified: it goes, and the newest *verified* one is protected instead.
     broken = [_entry("new", 0, verified=False), _entry("old", 100)]
     assert names(catalog.expired(broken, keep=1, max_age=dt.timedelta(hours=1), now=now)) == ["new"]
+
+
+async def test_digest_is_streamed_while_etcdctl_writes(etcd, make_ctx, tmp_path):
+    import base64
+    import json
+    import urllib.request
+
+    for i in range(24):  # ~24 MB, so the download takes long enough to be followed
+        body = json.dumps(
+            {
+                "key": base64.b64encode(f"/big/{i}".encode()).decode(),
+                "value": base64.b64encode(os.urandom(1 << 20)).decode(),
+            }
+        ).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{etcd.url}/v3/kv/put", data=body), timeout=30).read()
+    ctx = make_ctx(etcd.url, compress=True)
+    ctx.config.snapshot_dir.mkdir(parents=True)
+    dest = ctx.config.snapshot_dir / "x.db.part"
+    streamed = await take._save(ctx, dest, growing=dest.with_name("x.db.part.part"), compress_to=tmp_path / "a.zst")
+    assert streamed is not None  # the follower vouched for what it read during the download
+    after = verify.digest_raw(dest, compress_to=tmp_path / "b.zst")
+    assert (streamed.size, streamed.sha256) == (after.size, after.sha256) == (dest.stat().st_size, after.sha256)
+    assert (tmp_path / "a.zst").read_bytes() == (tmp_path / "b.zst").read_bytes()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ from agent.context import AgentContext
 from agent.degrade import planner, records, tracker
 from agent.degrade.model import (
     API_VERSIONS,
+    LOST_TAINT,
     ORIGINAL_REPLICAS_ANNOTATION,
     TIER_LABEL,
     Node,
@@ -62,6 +64,8 @@ log = structlog.get_logger("edgefleet.degradation")
 FIELD_MANAGER = "edgefleet-degradation"
 LEASE_NAMESPACE = "kube-node-lease"
 TRACKER_KEY = "degradation.tracker"
+#: The nodes available at the last scale-down: restores need capacity beyond that (see ``enforce``).
+BASELINE_KEY = "degradation.baseline"
 _SEVERITY = {
     protocol.SiteState.GREEN: protocol.Severity.INFO,
     protocol.SiteState.YELLOW: protocol.Severity.WARNING,
@@ -137,6 +141,7 @@ class Controller:
         self.ctx.store.put(TRACKER_KEY, self.tracker.to_json())
         for name, available in changes:
             log.info("node available" if available else "node lost", node=name)
+        await self.mark_lost_nodes(api, node_objs)
         nodes = [node_from(obj, available=self.tracker.available(n)) for obj in node_objs
                  for n in [str((obj.get("metadata") or {}).get("name", ""))]]  # fmt: skip
         journal = records.load(self.ctx.store)
@@ -158,19 +163,29 @@ class Controller:
         capacity_lost = any(not n.available for n in nodes)
         by_key = {w.key: w for w in workloads}
 
+        available = sorted(n.name for n in nodes if n.available)
+
         # 1. Scale down, tier 4 first; only while capacity is lost.
         if capacity_lost:
             for w in sorted(workloads, key=lambda w: (-w.tier, w.key)):
                 target = plan.targets.get(w.key, w.desired)
                 if w.tier >= 3 and target < w.replicas:
                     await self.scale_down(api, w, target=target, reason=reason, now=now)
+                    self.ctx.store.put(BASELINE_KEY, available)
 
         # 2. Pods stuck on lost nodes: replacements now, not after Kubernetes' 300 s.
         if self.cfg.evict_lost_pods:
             await self.delete_lost_pods(api, pods, nodes=nodes)
 
-        # 3. Restore what fits again, tier 3 before tier 4, one tier per stagger interval.
-        await self.restore(api, by_key=by_key, journal=records.load(self.ctx.store), plan=plan, now=now)
+        # 3. Restore what fits again, tier 3 before tier 4, one tier per stagger interval; only
+        #    with capacity beyond what was left at the last scale-down (a node came back past its
+        #    recover dwell), never because a re-plan on the same nodes packs differently.
+        baseline = self.ctx.store.get(BASELINE_KEY)
+        grow = not capacity_lost or (isinstance(baseline, list) and bool(set(available) - set(baseline)))
+        journal = records.load(self.ctx.store)
+        await self.restore(api, by_key=by_key, journal=journal, plan=plan, now=now, grow=grow)
+        if not journal and baseline is not None:
+            self.ctx.store.put(BASELINE_KEY, None)
 
         self.settle(state, reason, nodes=nodes, workloads=workloads, journal=records.load(self.ctx.store), now=now)
 
@@ -191,7 +206,7 @@ class Controller:
             if w is not None:
                 workloads.append(w)
         pods = await kube.list_objects(api, "v1", "Pod")
-        return workloads, pods
+        return with_running_pods(workloads, pods), pods
 
     # ------------------------------------------------------------------ actions
 
@@ -214,6 +229,34 @@ class Controller:
             )  # fmt: skip
         await self.scale(api, w, target)
 
+    async def mark_lost_nodes(self, api: Any, node_objs: list[dict[str, Any]]) -> None:
+        """Taint lost nodes ``edgefleet.io/node-lost:NoSchedule``; untaint them once available again.
+
+        Until Kubernetes marks a dead node NotReady (40 s) its scheduler keeps binding pods there,
+        including the replacements of the pods this controller just deleted. The patch carries the
+        node's resourceVersion, so it never overwrites a taint the node controller added meanwhile
+        (a conflict is retried on the next tick).
+        """
+        for obj in node_objs:
+            meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+            name = str(meta.get("name", ""))
+            taints = [t for t in spec.get("taints") or [] if isinstance(t, dict)]
+            ours = any(t.get("key") == LOST_TAINT for t in taints)
+            lost = not self.tracker.available(name)
+            if lost == ours:
+                continue
+            if lost:
+                new = [*taints, {"key": LOST_TAINT, "effect": "NoSchedule"}]
+            else:
+                new = [t for t in taints if t.get("key") != LOST_TAINT]
+            body = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "spec": {"taints": new or None}}
+            try:
+                await kube.patch(api, "v1", "Node", name, body, field_manager=FIELD_MANAGER)
+            except (kube.Conflict, kube.NotFound) as exc:
+                log.info("node taint deferred", node=name, error=str(exc))
+                continue
+            log.info("tainted lost node" if lost else "untainted recovered node", node=name, taint=LOST_TAINT)
+
     async def scale(self, api: Any, w: Workload, replicas: int) -> None:
         await kube.patch(
             api, API_VERSIONS[w.kind], w.kind, w.name, {"spec": {"replicas": replicas}},
@@ -228,6 +271,7 @@ class Controller:
         journal: Mapping[records.Key, records.Record],
         plan: planner.Plan,
         now: float,
+        grow: bool,
     ) -> None:
         ready: list[tuple[records.Record, Workload, int]] = []
         for key, record in journal.items():
@@ -250,7 +294,7 @@ class Controller:
         for record, w, _ in done_already:
             await self.finish_restore(api, record, w)
         growing = [(r, w, t) for r, w, t in ready if t > w.replicas]
-        if not growing or now - self.last_restore < self.cfg.restore_stagger_seconds:
+        if not grow or not growing or now - self.last_restore < self.cfg.restore_stagger_seconds:
             return
         tier = min(w.tier for _, w, _ in growing)  # 3 before 4
         for record, w, target in growing:
@@ -376,6 +420,34 @@ class Controller:
         self.ctx.report_now.set()
 
 
+def with_running_pods(workloads: list[Workload], pods: list[dict[str, Any]]) -> list[Workload]:
+    """Attach to each workload the nodes its live (bound, not terminating, not finished) pods run on."""
+    running: dict[tuple[str, str, str], list[str]] = {}
+    for pod in pods:
+        meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        if not spec.get("nodeName") or meta.get("deletionTimestamp") or status.get("phase") in _TERMINAL_PHASES:
+            continue
+        owner = _owner(meta)
+        if owner is not None:
+            running.setdefault(owner, []).append(str(spec["nodeName"]))
+    return [dataclasses.replace(w, running_on=tuple(sorted(running.get(w.key, ())))) for w in workloads]
+
+
+def _owner(meta: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """The Deployment or StatefulSet (kind, namespace, name) a pod belongs to, by its owner reference."""
+    ns = str(meta.get("namespace") or "default")
+    for ref in meta.get("ownerReferences") or []:
+        kind, name = ref.get("kind"), str(ref.get("name", ""))
+        if kind == "StatefulSet":
+            return ("StatefulSet", ns, name)
+        if kind == "ReplicaSet":
+            # A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
+            hash_ = str((meta.get("labels") or {}).get("pod-template-hash", ""))
+            base = name[: -len(hash_) - 1] if hash_ and name.endswith("-" + hash_) else name.rpartition("-")[0]
+            return ("Deployment", ns, base)
+    return None
+
+
 def fixed_load(pods: list[dict[str, Any]], *, nodes: list[Node], workloads: list[Workload]) -> dict[str, Resources]:
     """Requests of the pods on available nodes that the plan does not place itself.
 
@@ -384,35 +456,17 @@ def fixed_load(pods: list[dict[str, Any]], *, nodes: list[Node], workloads: list
     bare pods) stays where it is and takes room. Finished pods take none.
     """
     available = {n.name for n in nodes if n.available}
-    deployments = {(w.namespace, w.name) for w in workloads if w.kind == "Deployment"}
-    statefulsets = {(w.namespace, w.name) for w in workloads if w.kind == "StatefulSet"}
+    planned = {w.key for w in workloads}
     load: dict[str, Resources] = {}
     for pod in pods:
         meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
         node = spec.get("nodeName")
         if node not in available or status.get("phase") in _TERMINAL_PHASES:
             continue
-        ns = str(meta.get("namespace") or "default")
-        if _owned_by(meta, ns, deployments=deployments, statefulsets=statefulsets):
+        if _owner(meta) in planned:
             continue
         load[str(node)] = load.get(str(node), Resources()) + pod_requests(spec)
     return load
-
-
-def _owned_by(
-    meta: Mapping[str, Any], ns: str, *, deployments: set[tuple[str, str]], statefulsets: set[tuple[str, str]]
-) -> bool:
-    for ref in meta.get("ownerReferences") or []:
-        kind, name = ref.get("kind"), str(ref.get("name", ""))
-        if kind == "StatefulSet" and (ns, name) in statefulsets:
-            return True
-        if kind == "ReplicaSet":
-            # A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
-            hash_ = str((meta.get("labels") or {}).get("pod-template-hash", ""))
-            base = name[: -len(hash_) - 1] if hash_ and name.endswith("-" + hash_) else name.rpartition("-")[0]
-            if (ns, base) in deployments:
-                return True
-    return False
 
 
 # --------------------------------------------------------------------------- the daemon task

@@ -20,6 +20,9 @@ from agent import placement
 TIER_LABEL = "edgefleet.io/tier"
 COMPONENT_LABEL = "edgefleet.io/component"
 ORIGINAL_REPLICAS_ANNOTATION = "edgefleet.io/original-replicas"
+#: The controller's own NoSchedule taint on nodes it considers lost (the scheduler still thinks
+#: them Ready for 40 s and would keep placing replacements there).
+LOST_TAINT = "edgefleet.io/node-lost"
 CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
 #: The workload kinds the controller scales (through their ``scale`` subresource).
 SCALABLE_KINDS = ("Deployment", "StatefulSet")
@@ -117,6 +120,9 @@ class Workload:
     one_per_node: bool = False
     #: The original replicas from the annotation, if the live object carries one.
     annotated_original: int | None = None
+    #: Nodes its live pods are bound to (one entry per pod). Running pods stay where they are,
+    #: so the planner keeps them there first; only replacements are placed freely.
+    running_on: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -136,7 +142,7 @@ def node_from(obj: Mapping[str, Any], *, available: bool) -> Node:
     taints = tuple(
         Taint(key=str(t.get("key", "")), value=str(t.get("value") or ""), effect=str(t.get("effect") or ""))
         for t in spec.get("taints") or []
-        if isinstance(t, Mapping)
+        if isinstance(t, Mapping) and t.get("key") != LOST_TAINT  # our own: gone once the node is back
     )
     return Node(
         name=str(meta.get("name", "")),

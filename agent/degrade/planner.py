@@ -11,7 +11,9 @@ How it packs, in tier order (1, 2, 3, 4), so a lower tier only gets what is left
 * A replica may go on a node if its requests fit, the node's ``NoSchedule``/``NoExecute`` taints
   are tolerated, its ``nodeSelector`` and required node affinity match, and (for workloads with
   a required hostname anti-affinity among their own pods) no sibling is there yet.
-* Within a tier, replicas are placed round-robin across workloads (largest request first
+* Pods that already run on an available node stay there (Kubernetes does not move running
+  pods), provided the higher tiers left room: otherwise they would be preempted, and are not.
+* Within a tier, the other replicas are placed round-robin across workloads (largest request first
   within a round), so every workload of a tier gets its first replica before any gets its
   second: degrading tier 4 keeps as many tier-4 services up as possible, not a few at full size.
 * A replica goes to the feasible node with the most free room (the scheduler's default
@@ -117,6 +119,17 @@ def plan(
         batch = sorted(
             (w for w in workloads if w.tier == tier), key=lambda w: (-w.requests.cpu_m, -w.requests.memory, w.key)
         )
+        # Pods that already run stay where they are (if the higher tiers left them room).
+        for w in batch:
+            for name in w.running_on:
+                if pending.get(w.key, 0) <= 0:
+                    break
+                if name in free and name in feasible[w.key] and _fits(w, name, free, placed[w.key]):
+                    free[name] = free[name] - w.requests
+                    placed[w.key].append(name)
+                    pending[w.key] -= 1
+            if pending.get(w.key) == 0:
+                del pending[w.key]
         while pending:
             for w in batch:
                 if pending.get(w.key, 0) <= 0:
@@ -153,16 +166,19 @@ def _best_node(
     best: str | None = None
     best_score: tuple[float, int, str] = (0.0, 0, "")
     for name in candidates:
-        room = free[name]
-        if not w.requests.fits_in(room) or (w.one_per_node and name in siblings):
+        if not _fits(w, name, free, siblings):
             continue
-        left, total = room - w.requests, capacity[name]
+        left, total = free[name] - w.requests, capacity[name]
         # Largest share of the node left free (LeastAllocated); fewer own siblings (spread); name.
         share = (_ratio(left.cpu_m, total.cpu_m) + _ratio(left.memory, total.memory)) / 2
         score = (share, -siblings.count(name), name)
         if best is None or score[:2] > best_score[:2] or (score[:2] == best_score[:2] and name < best_score[2]):
             best, best_score = name, score
     return best
+
+
+def _fits(w: Workload, name: str, free: Mapping[str, Resources], siblings: list[str]) -> bool:
+    return w.requests.fits_in(free[name]) and not (w.one_per_node and name in siblings)
 
 
 def _ratio(part: int, whole: int) -> float:

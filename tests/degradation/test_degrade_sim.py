@@ -1,0 +1,230 @@
+"""The degradation controller against the sim (accelerated clock), through the real client code.
+
+Timings are Kubernetes' and the agent's defaults divided by ``SPEED`` (see
+``degrade_helpers.scaled_config``): 40 s NotReady → 4 s, 300 s eviction → 30 s, the agent's 60 s
+recover dwell → 6 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import degrade_helpers as h
+import pytest
+
+import sim.testing
+from agent import degrade, kube, sitestatus
+from agent.context import AgentContext
+from agent.degrade import records
+from agent.degrade.model import ORIGINAL_REPLICAS_ANNOTATION
+
+SPEED = 10.0
+ORIGINAL = {s.name: s.replicas for s in h.PLATFORM}
+TIER = {s.name: s.tier for s in h.PLATFORM}
+
+
+@contextlib.asynccontextmanager
+async def scenario(tmp_path: Path, **degradation: Any) -> AsyncIterator[tuple[Any, Any, AgentContext]]:
+    """A sim site with the tiered platform Running and the controller task started on it."""
+    async with sim.testing.running(speed=SPEED) as site, kube.connect(site.kubeconfig) as api:
+        await h.deploy_platform(api)
+        await h.eventually(lambda: _all_running(api), timeout=30, what="the platform Running")
+        ctx = h.context(h.scaled_config("site-a", tmp_path / "state", site.kubeconfig, speed=SPEED, **degradation))
+        task = asyncio.create_task(degrade.run(ctx))
+        try:
+            await h.eventually(lambda: _state_is(ctx, "green"), timeout=10, what="green")
+            yield site, api, ctx
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            ctx.store.close()
+
+
+async def _all_running(api: Any) -> bool:
+    return await h.running_by_app(api) == ORIGINAL
+
+
+async def _state_is(ctx: AgentContext, state: str) -> bool:
+    return (ctx.store.get(sitestatus.DEGRADATION_KEY) or {}).get("state") == state
+
+
+def _state(ctx: AgentContext) -> dict[str, Any]:
+    return ctx.store.get(sitestatus.DEGRADATION_KEY) or {}
+
+
+async def _replicas(api: Any) -> dict[str, int]:
+    return {name: int(obj["spec"]["replicas"]) for name, obj in (await h.workloads(api)).items()}
+
+
+def _transitions(ctx: AgentContext) -> list[tuple[str, str]]:
+    return [(e["data"]["from"], e["data"]["to"]) for e in h.events(ctx.store, "degradation.transition")]
+
+
+async def test_all_healthy_green_nothing_scaled(tmp_path: Path) -> None:
+    async with scenario(tmp_path) as (_site, api, ctx):
+        await asyncio.sleep(2)  # many ticks
+        st = _state(ctx)
+        assert st["state"] == "green" and st["scaled_down"] == []
+        assert [n["ready"] for n in st["nodes"]] == [True, True, True]
+        assert st["nodes"][0] == {"name": "server-0", "ready": True, "control_plane": True}
+        assert await _replicas(api) == ORIGINAL
+        assert records.load(ctx.store) == {}
+        assert h.events(ctx.store) == [] and not ctx.limp_home.is_set()
+
+
+async def test_one_worker_fails_yellow_tier4_shrinks_tiers_2_3_run(tmp_path: Path) -> None:
+    async with scenario(tmp_path) as (site, api, ctx):
+        await site.fail_node("agent-1")
+        took = await h.eventually(lambda: _state_is(ctx, "yellow"), timeout=10, what="yellow")
+        # Detected from the stale lease, before Kubernetes' 40 s (4 s here) NotReady.
+        assert took < 40 / SPEED
+        live = {"server-0", "agent-0"}
+
+        async def settled() -> bool:
+            running = await h.running_by_app(api, nodes=live)
+            return all(running.get(n, 0) == ORIGINAL[n] for n in ORIGINAL if TIER[n] <= 3)
+
+        await h.eventually(settled, timeout=20, what="tiers 1-3 Running on the remaining nodes")
+        replicas = await _replicas(api)
+        t4 = {n: r for n, r in replicas.items() if TIER[n] == 4}
+        assert 0 < sum(t4.values()) < sum(ORIGINAL[n] for n in t4), t4
+        assert all(replicas[n] == ORIGINAL[n] for n in ORIGINAL if TIER[n] <= 3)
+        live_objs = await h.workloads(api)
+        journal = records.load(ctx.store)
+        for name, count in t4.items():
+            annotations = live_objs[name]["metadata"].get("annotations") or {}
+            if count < ORIGINAL[name]:
+                assert annotations[ORIGINAL_REPLICAS_ANNOTATION] == str(ORIGINAL[name])
+                (record,) = [r for r in journal.values() if r.name == name]
+                assert record.original == ORIGINAL[name] and record.target == count
+                managers = {m["manager"] for m in live_objs[name]["metadata"]["managedFields"]}
+                assert "edgefleet-degradation" in managers
+        st = _state(ctx)
+        assert {w["name"] for w in st["scaled_down"]} == {r.name for r in journal.values()}
+        assert "agent-1" in st["reason"] and not ctx.limp_home.is_set()
+        # What runs on the remaining nodes fits: no tier-4 pod left Pending for long.
+        await h.eventually(
+            lambda: _no_pending(api), timeout=10, what="every remaining pod scheduled after the scale-down"
+        )
+        assert _transitions(ctx) == [("green", "yellow")]
+
+
+async def _no_pending(api: Any) -> bool:
+    return not [p for p in await h.pods(api) if not p["spec"].get("nodeName")]
+
+
+async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: Path) -> None:
+    async with scenario(tmp_path) as (site, api, ctx):
+        await site.fail_node("agent-0")
+        await site.fail_node("agent-1")
+        await h.eventually(lambda: _state_is(ctx, "red"), timeout=10, what="red")
+        assert ctx.limp_home.is_set() and _state(ctx)["limp_home"] is True
+
+        async def lifeboat() -> bool:
+            on_server = await h.running_by_app(api, nodes={"server-0"})
+            return all(on_server.get(n, 0) == ORIGINAL[n] for n in ORIGINAL if TIER[n] == 2)
+
+        # Tier 2 Running on the server node long before Kubernetes would evict (300 s → 30 s here).
+        took = await h.eventually(lifeboat, timeout=20, what="tier 2 Running on server-0")
+        assert took < 300 / SPEED
+        replicas = await _replicas(api)
+        assert all(replicas[n] == 0 for n in ORIGINAL if TIER[n] >= 3), replicas
+        assert all(replicas[n] == ORIGINAL[n] for n in ORIGINAL if TIER[n] <= 2)
+        assert {w["name"] for w in _state(ctx)["scaled_down"]} == {n for n in ORIGINAL if TIER[n] >= 3}
+
+        await site.restore_node("agent-0")
+        await site.restore_node("agent-1")
+        # Nothing is restored before the recover dwell (60 s → 6 s).
+        await asyncio.sleep(3)
+        assert _state(ctx)["state"] == "red"
+        assert await _replicas(api) == replicas
+        await h.eventually(lambda: _state_is(ctx, "green"), timeout=20, what="green")
+        await h.eventually(lambda: _all_restored(api, ctx), timeout=20, what="every workload restored")
+        assert not ctx.limp_home.is_set()
+        objs = await h.workloads(api)
+        assert not any(ORIGINAL_REPLICAS_ANNOTATION in (o["metadata"].get("annotations") or {}) for o in objs.values())
+        await h.eventually(lambda: _all_running(api), timeout=20, what="every original replica Running again")
+        # Restored in reverse tier order: every tier-3 restore before any tier-4 restore.
+        restored = [e["data"]["tier"] for e in h.events(ctx.store, "degradation.restored")]
+        assert restored and restored == sorted(restored) and set(restored) == {3, 4}
+        assert _transitions(ctx) == [("green", "red"), ("red", "green")]
+
+
+async def _all_restored(api: Any, ctx: AgentContext) -> bool:
+    return await _replicas(api) == ORIGINAL and records.load(ctx.store) == {} and _state(ctx)["scaled_down"] == []
+
+
+@pytest.mark.slow
+async def test_flapping_node_does_not_oscillate(tmp_path: Path) -> None:
+    # Recover dwell 12 s here: the flaps' healthy windows (2 s) stay well inside it even on a busy machine.
+    async with scenario(tmp_path, recover_dwell_seconds=12.0) as (site, api, ctx):
+        await site.fail_node("agent-1")
+        await h.eventually(lambda: _state_is(ctx, "yellow"), timeout=10, what="yellow")
+        scaled = await _replicas(api)
+        for _ in range(3):  # healthy 2 s, then dead 3 s (past the 2 s lease timeout)
+            await site.restore_node("agent-1")
+            await asyncio.sleep(2)
+            await site.fail_node("agent-1")
+            await asyncio.sleep(3)
+        assert _state(ctx)["state"] == "yellow"
+        assert await _replicas(api) == scaled
+        assert h.events(ctx.store, "degradation.restored") == []
+        assert _transitions(ctx) == [("green", "yellow")]
+        await site.restore_node("agent-1")
+        await h.eventually(lambda: _all_restored(api, ctx), timeout=40, what="restored after steady health")
+        assert _transitions(ctx) == [("green", "yellow"), ("yellow", "green")]
+
+
+async def test_api_unreachable_is_black_and_recovers(tmp_path: Path) -> None:
+    """The API server dies (sim process killed): Black, recorded; a new one on the same address: Green."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = sim.testing.start_process(speed=SPEED, workdir=_mkdir(tmp_path / "sim1"), extra_args=["--port", str(port)])
+    ctx = h.context(h.scaled_config("site-b", tmp_path / "state", first.kubeconfig, speed=SPEED))
+    task = asyncio.create_task(degrade.run(ctx))
+    second = None
+    try:
+        await h.eventually(lambda: _state_is(ctx, "green"), timeout=15, what="green")
+        first.stop()
+        await h.eventually(lambda: _state_is(ctx, "black"), timeout=15, what="black")
+        assert "unreachable" in _state(ctx)["reason"]
+        assert not ctx.limp_home.is_set()  # Black leaves limp-home as it was
+        second = sim.testing.start_process(
+            speed=SPEED, workdir=_mkdir(tmp_path / "sim2"), extra_args=["--port", str(port)]
+        )
+        await h.eventually(lambda: _state_is(ctx, "green"), timeout=15, what="green again")
+        assert _transitions(ctx) == [("green", "black"), ("black", "green")]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ctx.store.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.mark.parametrize("evict", [False])
+async def test_without_pod_eviction_kubernetes_timing_applies(tmp_path: Path, evict: bool) -> None:
+    """With ``evict_lost_pods`` off, tier 2 on a dead node waits for Kubernetes' own eviction."""
+    async with scenario(tmp_path, evict_lost_pods=evict) as (site, api, ctx):
+        await site.fail_node("agent-0")
+        await site.fail_node("agent-1")
+        await h.eventually(lambda: _state_is(ctx, "red"), timeout=10, what="red")
+        await asyncio.sleep(5 * 40 / SPEED / 4)  # well past detection, before the 30 s eviction
+        stuck = [p for p in await h.pods(api) if p["spec"].get("nodeName") != "server-0" and TIER[h.pod_app(p)] == 2]
+        assert stuck, "tier-2 pods on dead nodes stay until Kubernetes evicts them"
+        assert not h.events(ctx.store, "degradation.pods-deleted")

@@ -70,6 +70,7 @@ def _timestamp(value: Any) -> float | None:
 
 
 def _pid_alive(pid: Any) -> bool | None:
+    """Whether the daemon that wrote the state still runs (a reused pid after a reboot does not count)."""
     if not isinstance(pid, int) or pid <= 0:
         return None
     try:
@@ -77,8 +78,12 @@ def _pid_alive(pid: Any) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # alive, but we may not look (hidepid): trust the pid
+    return b"edgefleet" in cmdline or b"agent.cli" in cmdline
 
 
 def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:

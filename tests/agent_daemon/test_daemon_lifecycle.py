@@ -95,6 +95,14 @@ def test_run_notifies_serves_and_drains_on_sigterm(tmp_path: Path, notify: Notif
         assert "edgefleet_agent_kube_up 0.0" in body
         assert "process_resident_memory_bytes" in body
 
+        status = subprocess.run(
+            [*AGENT, "--config", str(config), "status", "--json"], capture_output=True, text=True, timeout=60,
+            env=agent_env(),
+        )
+        doc = json.loads(status.stdout)
+        assert doc["daemon"]["running"] is True and doc["daemon"]["pid"] == proc.pid
+        assert doc["daemon"]["tasks"]["kube-probe"]["up"] is True
+
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:

@@ -116,6 +116,8 @@ class Controllers:
         elif ev.type == "DELETED" and entry.namespace:
             self.dirty.add(("Namespace", "", entry.namespace))
         if key == ("", "nodes"):
+            if ev.type != "DELETED":
+                self.dirty.add(("Node", "", entry.name))
             for ds in self.c.store.iter(("apps", "daemonsets")):
                 self.dirty.add(("DaemonSet", ds.namespace, ds.name))
         if key == ("policy", "poddisruptionbudgets") and ev.type != "DELETED":
@@ -274,6 +276,28 @@ class Controllers:
                                                           "across distributions of Kubernetes clusters."}},
                              "data": {"ca.crt": "-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"}},
                             manager="", internal=True)
+
+    # --- node lifecycle: the unschedulable taint follows spec.unschedulable (TaintNodesByCondition) ----------
+    def _sync_node(self, _: str, name: str) -> None:
+        node = self.api.get(("", "nodes"), "", name)
+        if node is None:
+            return
+        taints = list((node.get("spec") or {}).get("taints") or [])
+        has = any(t.get("key") == "node.kubernetes.io/unschedulable" for t in taints)
+        want = bool((node.get("spec") or {}).get("unschedulable"))
+        if has == want:
+            return
+        if want:
+            taints.append({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule",
+                           "timeAdded": apiserver.now_iso()})
+        else:
+            taints = [t for t in taints if t.get("key") != "node.kubernetes.io/unschedulable"]
+        new = _copy(node)
+        if taints:
+            new["spec"]["taints"] = taints
+        else:
+            new["spec"].pop("taints", None)
+        self.api.update(self.c.res("", "nodes"), "", name, new, manager=MANAGER)
 
     # --- PDB status --------------------------------------------------------------------------------------------
     def _sync_pdb(self, ns: str, _: str) -> None:

@@ -385,8 +385,11 @@ class Handlers:
         raw = await request.read()
         if raw:
             try:
-                parsed = json.loads(raw)
-            except ValueError as exc:
+                if raw.startswith(protobuf.MAGIC):
+                    parsed = protobuf.decode(raw)
+                else:
+                    parsed = json.loads(raw)
+            except (ValueError, protobuf.ProtobufError) as exc:
                 raise errors.bad_request(f"invalid DeleteOptions: {exc}") from exc
             if isinstance(parsed, dict):
                 opts = parsed

@@ -130,6 +130,8 @@ def decode(body: bytes) -> dict[str, Any]:
             api_version, kind = tm.get(1, ""), tm.get(2, "")
         elif n == 2:
             raw = v
+    if kind == "DeleteOptions":
+        return {"apiVersion": api_version, "kind": kind, **_delete_options(raw)}
     fs = fields(raw)
     obj: dict[str, Any] = {"apiVersion": api_version, "kind": kind}
     for n, _, v in fs:

@@ -267,6 +267,8 @@ def _api_resource(res: Resource, sub: str = "") -> dict[str, Any]:
                                "kind": kind, "verbs": verbs}
         if sub == "scale":
             doc.update(group="autoscaling", version="v1")
+        elif sub == "eviction":
+            doc.update(group="policy", version="v1")
         return doc
     doc = {"name": res.plural, "singularName": res.singular_name, "namespaced": res.namespaced, "kind": res.kind,
            "verbs": list(res.verbs)}

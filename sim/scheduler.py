@@ -166,6 +166,12 @@ class Scheduler:
                 reasons: Counter[str] | None) -> bool:
         spec = pod.get("spec") or {}
         name = node["metadata"]["name"]
+        if (node.get("spec") or {}).get("unschedulable") and not any(
+                tolerates(t, {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"})
+                for t in spec.get("tolerations") or []):
+            if reasons is not None:
+                reasons["node(s) were unschedulable"] += 1
+            return False
         if not node_affinity_ok(spec, node):
             if reasons is not None:
                 reasons["node(s) didn't match Pod's node affinity/selector"] += 1

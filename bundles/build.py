@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from bundles import content, errors, pack
+from bundles import container, content, errors, pack
 from bundles.manifest import (
     Compat,
     Component,
@@ -575,6 +575,7 @@ def build(
     compression: Literal["zstd", "none"] = "zstd",
     channel: Literal["release", "development"] = "release",
     tools: Tools | None = None,
+    level: int = container.ZSTD_LEVEL,
 ) -> BuildResult:
     prof = load_profile(profile)
     created = created or now_utc()
@@ -602,7 +603,7 @@ def build(
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise errors.BuildError(f"manifest invalid at {where}: {first.get('msg')}") from None
-        env = pack.write_bundle(out, manifest=manifest, sources=rendered.sources, keys=keys)
+        env = pack.write_bundle(out, manifest=manifest, sources=rendered.sources, keys=keys, level=level)
     return BuildResult(
         path=out, manifest=manifest, needs_helm=tuple(rendered.needs_helm),
         object_count=rendered.object_count, envelope=env,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bundles import build, dsse, errors, keys, pack, trust, verify
+from bundles import build, container, dsse, errors, keys, pack, trust, verify
 from bundles.manifest import Manifest, now_utc
 
 
@@ -96,7 +96,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     result = build.build(
         profile=Path(args.profile), platform=platform, mirror=mirror, out=Path(args.out), version=args.version,
         release=args.release, keys=signing, allow_unrendered=args.allow_unrendered, prefer_helm=args.prefer_helm,
-        compression=args.compression, channel=args.channel,
+        compression=args.compression, channel=args.channel, level=args.zstd_level,
         expires=now_utc() + timedelta(days=args.expires_days) if args.expires_days else None,
     )
     if chain:
@@ -243,15 +243,18 @@ class _Parser(argparse.ArgumentParser):
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgefleet-bundle", description="Build, sign and verify edgefleet offline bundles.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json is accepted before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("keygen", help="generate an Ed25519 signing key pair")
+    s = sub.add_parser("keygen", parents=[common], help="generate an Ed25519 signing key pair")
     s.add_argument("--out", default=".", help="directory for NAME.key (0600) and NAME.pub")
     s.add_argument("--name", default="release")
     s.add_argument("--force", action="store_true", help="overwrite existing key files")
     s.set_defaults(func=cmd_keygen)
 
-    s = sub.add_parser("build", help="build a bundle from a profile, the platform source and a mirror")
+    s = sub.add_parser("build", parents=[common], help="build a bundle from profile, platform source and mirror")
     s.add_argument("--profile", default=str(build.DEFAULT_PROFILE))
     s.add_argument("--platform", help="platform source (default $EDGEFLEET_PLATFORM_DIR/idp-blueprint)")
     s.add_argument("--mirror", help="offline mirror (default $EDGEFLEET_PLATFORM_DIR/mirror if present)")
@@ -265,19 +268,20 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefer-helm", action="store_true",
                    help="render pinned charts with helm even if a mirror has them")
     s.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    s.add_argument("--zstd-level", type=int, default=container.ZSTD_LEVEL, choices=range(1, 20), metavar="1-19")
     s.add_argument("--channel", choices=["release", "development"], default="release")
     s.add_argument("--expires-days", type=int, help="override the profile's expiry")
     s.add_argument("--root-chain", action="append", default=[],
                    help="root rotation link to ship (repeatable, in order)")
     s.set_defaults(func=cmd_build)
 
-    s = sub.add_parser("sign", help="add signatures to a bundle (or to a root.json)")
+    s = sub.add_parser("sign", parents=[common], help="add signatures to a bundle (or to a root.json)")
     s.add_argument("file")
     s.add_argument("--key", action="append", required=True)
     s.add_argument("--out", help="write here instead of replacing the file")
     s.set_defaults(func=cmd_sign)
 
-    s = sub.add_parser("verify", help="verify a bundle (and stage it with --store)")
+    s = sub.add_parser("verify", parents=[common], help="verify a bundle (and stage it with --store)")
     s.add_argument("bundle")
     s.add_argument("--root", required=True, help="trust root (root.json)")
     s.add_argument("--store", help="bundle store to stage into")
@@ -288,12 +292,12 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("inspect", help="show what a bundle contains (no trust decisions)")
+    s = sub.add_parser("inspect", parents=[common], help="show what a bundle contains (no trust decisions)")
     s.add_argument("bundle")
     s.add_argument("--files", action="store_true", help="list every payload file")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("rotate-root", help="create the initial root.json or the next rotation link")
+    s = sub.add_parser("rotate-root", parents=[common], help="create the initial root.json or the next rotation link")
     s.add_argument("--old", help="current root.json (omit to create version 1)")
     s.add_argument("--release-key", action="append", required=True, help="public key of the new root (repeatable)")
     s.add_argument("--development-key", action="append", default=[])

@@ -172,7 +172,7 @@ NS = {"name": "ns", "layer": 0, "tier": 1, "sources": [{"kustomize": "IT/namespa
     ({"name": "x", "layer": 1, "tier": 4, "sources": [{"mirror": "does/not/exist.yaml"}]},
      "component x: mirror:does/not/exist.yaml does not exist"),
     ({"name": "gw", "layer": 1, "tier": 4, "sources": [{"kustomize": "IT/gateway"}]},
-     r"no CRD for \w+\.[\w.]+ is applied before it"),
+     r"no CRD for \w+\.[\w.-]+ is applied before it"),
     ({"name": "l", "layer": 1, "tier": 4, "namespace": "observability",
       "helm": {"repo": "https://grafana.github.io/helm-charts", "chart": "loki", "version": "9.9.9",
                "pinnedIn": "K8s/observability/loki/kustomization.yaml"}},

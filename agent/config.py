@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent import protocol
@@ -121,6 +121,21 @@ class SnapshotConfig(_Section):
     catchup_delay_seconds: float = Field(default=60.0, ge=0)
     retry_initial_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=1800.0, gt=0)
+    #: Copy the newest verified snapshot to the hub (hub/snapshot_upload.py). Off: it costs bandwidth.
+    upload_enabled: bool = False
+    #: The hub's API base, e.g. ``https://hub.example:8443/api/v1``.
+    upload_url: str | None = None
+    #: File holding this site's upload bearer token (kept out of the config and the logs).
+    upload_token_file: Path | None = None
+    #: CA bundle for the hub's certificate (default: the system's).
+    upload_cacert: Path | None = None
+    upload_chunk_bytes: int = Field(default=4 << 20, ge=64 << 10, le=16 << 20)
+
+    @model_validator(mode="after")
+    def _upload_target(self) -> SnapshotConfig:
+        if self.upload_enabled and (not self.upload_url or self.upload_token_file is None):
+            raise ValueError("upload_enabled needs upload_url and upload_token_file")
+        return self
 
     @field_validator("schedule")
     @classmethod

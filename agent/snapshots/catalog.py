@@ -38,6 +38,7 @@ MIGRATIONS = [
         verified_at REAL NOT NULL
     )""",
     "CREATE INDEX snapshot_catalog_taken ON snapshot_catalog(taken)",
+    "ALTER TABLE snapshot_catalog ADD COLUMN uploaded_at REAL",
 ]
 
 
@@ -59,6 +60,7 @@ class Entry:
     compressed: bool
     verified: bool
     verified_at: datetime
+    uploaded_at: datetime | None = None  # copied to the hub and confirmed there
 
 
 def setup(store: StateStore) -> None:
@@ -83,6 +85,7 @@ def _entry(row: sqlite3.Row) -> Entry:
         compressed=bool(row["compressed"]),
         verified=bool(row["verified"]),
         verified_at=datetime.fromtimestamp(row["verified_at"], UTC),
+        uploaded_at=datetime.fromtimestamp(row["uploaded_at"], UTC) if row["uploaded_at"] is not None else None,
     )
 
 
@@ -139,6 +142,11 @@ def mark_verified(store: StateStore, name: str, *, verified: bool, at: datetime)
             "UPDATE snapshot_catalog SET verified=?, verified_at=? WHERE name=?",
             (int(verified), at.timestamp(), name),
         )
+
+
+def mark_uploaded(store: StateStore, name: str, *, at: datetime) -> None:
+    with store.transaction() as db:
+        db.execute("UPDATE snapshot_catalog SET uploaded_at=? WHERE name=?", (at.timestamp(), name))
 
 
 def expired(all_entries: list[Entry], *, keep: int | None, max_age: timedelta | None, now: datetime) -> list[Entry]:

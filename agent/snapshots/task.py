@@ -14,14 +14,16 @@ a struggling node is not hammered.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from datetime import datetime, timedelta
 
 import structlog
+from apscheduler.triggers.cron import CronTrigger
 
 from agent.context import AgentContext
-from agent.snapshots import catalog, schedule, status, take
+from agent.snapshots import catalog, schedule, status, take, upload
 
 log = structlog.get_logger("edgefleet.snapshots")
 
@@ -49,7 +51,25 @@ async def run(
     cron = schedule.trigger(cfg.schedule, timezone=cfg.timezone)
     await take.reconcile(ctx)
     status.publish(ctx.store, cfg, now=clock.now())
+    succeeded = asyncio.Event()
+    uploader = asyncio.create_task(upload.run(ctx, wake=succeeded)) if cfg.upload_enabled else None
+    try:
+        await _loop(ctx, cron=cron, clock=clock, free_bytes=free_bytes, succeeded=succeeded)
+    finally:
+        if uploader is not None:
+            uploader.cancel()
+            await asyncio.gather(uploader, return_exceptions=True)
 
+
+async def _loop(
+    ctx: AgentContext,
+    *,
+    cron: CronTrigger,
+    clock: schedule.Clock,
+    free_bytes: take.FreeBytes,
+    succeeded: asyncio.Event,
+) -> None:
+    cfg = ctx.config.snapshots
     now = clock.now()
     newest = catalog.newest_verified(ctx.store)
     missed = schedule.missed_fire(cron, now=now, last_success=newest.taken if newest else None)
@@ -66,7 +86,8 @@ async def run(
         now = clock.now()
         if ctx.snapshot_now.is_set():
             ctx.snapshot_now.clear()
-            await take.take(ctx, trigger="on-demand", free_bytes=free_bytes, now=now)
+            if (await take.take(ctx, trigger="on-demand", free_bytes=free_bytes, now=now)).ok:
+                succeeded.set()
             continue  # the pending scheduled/retry run keeps its time
         if due is not None and now >= due:
             outcome = await take.take(ctx, trigger=reason, free_bytes=free_bytes, now=now)
@@ -74,6 +95,7 @@ async def run(
             after = clock.now()
             following = schedule.next_fire(cron, after=max(after, due))
             if outcome.ok:
+                succeeded.set()
                 retries = 0
                 due, reason = following, "scheduled"
                 continue

@@ -58,3 +58,19 @@ def snapshot_files(ctx: AgentContext) -> list[str]:
 async def put_keys(node: devetcd.Node, count: int, *, prefix: str = "/registry/test/") -> None:
     for i in range(count):
         await node.ctl("put", f"{prefix}{i:04d}", f"value-{i}")
+
+
+def put_random(node: devetcd.Node, megabytes: int) -> None:
+    """Incompressible bulk data through etcd's JSON gateway (one 1 MB value per key)."""
+    import base64
+    import os
+    import urllib.request
+
+    for i in range(megabytes):
+        body = json.dumps(
+            {
+                "key": base64.b64encode(f"/bulk/{i}".encode()).decode(),
+                "value": base64.b64encode(os.urandom(1 << 20)).decode(),
+            }
+        ).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{node.url}/v3/kv/put", data=body), timeout=30).read()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import stat
@@ -9,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import MakeCtx, events, put_keys, snapshot_files
+from conftest import MakeCtx, events, put_keys, put_random, snapshot_files
 
 from agent import sitestatus
 from agent.snapshots import binaries, catalog, devetcd, take, verify
@@ -256,18 +257,7 @@ def test_retention_rules():
 
 
 async def test_digest_is_streamed_while_etcdctl_writes(etcd, make_ctx, tmp_path):
-    import base64
-    import json
-    import urllib.request
-
-    for i in range(24):  # ~24 MB, so the download takes long enough to be followed
-        body = json.dumps(
-            {
-                "key": base64.b64encode(f"/big/{i}".encode()).decode(),
-                "value": base64.b64encode(os.urandom(1 << 20)).decode(),
-            }
-        ).encode()
-        urllib.request.urlopen(urllib.request.Request(f"{etcd.url}/v3/kv/put", data=body), timeout=30).read()
+    await asyncio.to_thread(put_random, etcd, 24)  # ~24 MB, so the download takes long enough to be followed
     ctx = make_ctx(etcd.url, compress=True)
     ctx.config.snapshot_dir.mkdir(parents=True)
     dest = ctx.config.snapshot_dir / "x.db.part"

@@ -550,10 +550,16 @@ def _validate(
     for comp in components:
         if comp.tier not in tiers:
             raise errors.BuildError(f"component {comp.name}: tier {comp.tier} has no tier policy in the profile")
-    pcs = {
-        str((o.get("metadata") or {}).get("name"))
-        for objs in objects.values() for o in objs if o.get("kind") == "PriorityClass"
-    }
+    pc_objs = [o for objs in objects.values() for o in objs if o.get("kind") == "PriorityClass"]
+    pcs = {str((o.get("metadata") or {}).get("name")) for o in pc_objs}
+    defaults = [str((o.get("metadata") or {}).get("name")) for o in pc_objs if o.get("globalDefault")]
+    if len(defaults) > 1:
+        raise errors.BuildError(f"PriorityClasses {', '.join(defaults)} are all globalDefault (at most one may be)")
+    for o in pc_objs:
+        if not isinstance(o.get("value"), int) or o["value"] > 1_000_000_000:
+            raise errors.BuildError(
+                f"PriorityClass {(o.get('metadata') or {}).get('name')}: value must be an integer <= 1000000000"
+            )
     for t, pol in tiers.items():
         if pol.priority_class_name and pol.priority_class_name not in pcs:
             raise errors.BuildError(f"tier {t}: PriorityClass {pol.priority_class_name} is not in the bundle")

@@ -244,7 +244,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgefleet-bundle", description="Build, sign and verify edgefleet offline bundles.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     # --json is accepted before or after the subcommand.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

@@ -88,6 +88,8 @@ class Controller:
     unreachable_since: float | None = None
     last_restore: float = float("-inf")
     deleted_pods: set[str] = field(default_factory=set)
+    #: False until one full pass looked at the workloads (adopting annotations without a journal row).
+    reconciled: bool = False
 
     @classmethod
     def load(cls, ctx: AgentContext, *, clock: Callable[[], float] = time.time) -> Controller:
@@ -145,7 +147,7 @@ class Controller:
         nodes = [node_from(obj, available=self.tracker.available(n)) for obj in node_objs
                  for n in [str((obj.get("metadata") or {}).get("name", ""))]]  # fmt: skip
         journal = records.load(self.ctx.store)
-        if all(n.available for n in nodes) and not journal and nodes:
+        if all(n.available for n in nodes) and not journal and nodes and self.reconciled:
             self.settle(protocol.SiteState.GREEN, "all nodes ready", nodes=nodes, workloads=[], journal={}, now=now)
             return
         await self.enforce(api, nodes=nodes, journal=journal, now=now)
@@ -154,6 +156,8 @@ class Controller:
         self, api: Any, *, nodes: list[Node], journal: dict[records.Key, records.Record], now: float
     ) -> None:
         workloads, pods = await self.observe_workloads(api, journal)
+        journal = self.adopt(workloads, journal, now=now)
+        self.reconciled = True
         fixed = fixed_load(pods, nodes=nodes, workloads=workloads)
         plan = planner.plan(nodes, workloads, fixed=fixed)
         state, reason = tracker.classify(nodes, plan, workloads)
@@ -209,6 +213,26 @@ class Controller:
         return with_running_pods(workloads, pods), pods
 
     # ------------------------------------------------------------------ actions
+
+    def adopt(
+        self, workloads: list[Workload], journal: dict[records.Key, records.Record], *, now: float
+    ) -> dict[records.Key, records.Record]:
+        """Journal rows for annotated workloads the DB does not know (a lost or older state dir)."""
+        adopted = False
+        for w in workloads:
+            if w.annotated_original is None or w.key in journal or w.tier < 3:
+                continue
+            with self.ctx.store.transaction():
+                records.save(self.ctx.store, key=w.key, tier=w.tier, original=w.annotated_original,
+                             target=w.replicas, reason="adopted from its annotation", now=now)  # fmt: skip
+                self.ctx.emit(
+                    "degradation.adopted",
+                    f"{w.ref} carries {ORIGINAL_REPLICAS_ANNOTATION}={w.annotated_original} without a journal row; "
+                    "adopting it",
+                    data={"workload": w.ref, "tier": w.tier, "original": w.annotated_original, "replicas": w.replicas},
+                )
+            adopted = True
+        return records.load(self.ctx.store) if adopted else journal
 
     async def scale_down(self, api: Any, w: Workload, *, target: int, reason: str, now: float) -> None:
         original = w.desired

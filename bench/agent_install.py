@@ -1,0 +1,179 @@
+"""Benchmark: the agent installing the full IDP bundle vs `kubectl apply --server-side`, same run.
+
+Two identical sims (subprocesses, 3 nodes, same speed). Into one, ``edgefleet-agent bundle import
+--wait`` installs the bundle (verification, layers, DAG parallelism, health gates, commit). Into
+the other, kubectl applies the *same rendered objects in the same order*, one component after the
+other, server-side, waiting for the same gates (``kubectl wait``: CRDs Established before the rest,
+workloads Available/ready after each component), i.e. what an operator with a script would do.
+
+Then ``edgefleet-agent run`` (the daemon) supervises the installed site for a while: its steady RSS
+and idle CPU (health every 15 s, drift every 60 s: the defaults) are measured with psutil.
+
+Prints the ratio (target <= 0.5x), the absolute times, the agent's peak and steady RSS (target
+<= 64 MiB) and idle CPU (target <= 1% of one core). Usage::
+
+    .venv/bin/python bench/agent_install.py [--speed 20] [--idle 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "agent_install"))
+
+import install_kit as kit  # noqa: E402
+
+import sim.testing  # noqa: E402
+from agent.install import journal, model, render, source  # noqa: E402
+from agent.state import StateStore  # noqa: E402
+from bundles import build  # noqa: E402
+
+PLATFORM = Path(os.environ.get("EDGEFLEET_PLATFORM_DIR", ROOT.parent / "shared" / "platform"))
+AGENT = [sys.executable, "-m", "agent.cli"]
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """(wall seconds, return code, peak RSS MiB) of one child, via wait4's own rusage."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, proc.returncode, usage.ru_maxrss / 1024
+
+
+def kubectl(kubeconfig: Path, *args: str) -> None:
+    subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], check=True, capture_output=True, text=True)
+
+
+def baseline(kubeconfig: Path, spec: model.Spec, work: Path) -> float:
+    """Sequential kubectl: per component (layer order, DAG order), first Namespaces+CRDs, wait, then the rest, wait."""
+    t0 = time.perf_counter()
+    order = [u for layer in spec.layers() for u in _dag_order(layer)]
+    for unit in order:
+        objects = sorted(unit.objects, key=render.order_key)
+        first = [o for o in objects if o["kind"] in ("Namespace", "CustomResourceDefinition")]
+        rest = [o for o in objects if o not in first]
+        for part, objs in (("first", first), ("rest", rest)):
+            if not objs:
+                continue
+            path = work / f"{unit.name}-{part}.yaml"
+            path.write_text(yaml.safe_dump_all(objs))
+            kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "--field-manager=edgefleet",
+                    "-f", str(path))
+            if part == "first":
+                crds = [o["metadata"]["name"] for o in objs if o["kind"] == "CustomResourceDefinition"]
+                if crds:
+                    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=300s",
+                            *[f"crd/{n}" for n in crds])
+        for check in unit.gate_checks:
+            ns = ["-n", check["namespace"]] if check.get("namespace") else []
+            kind = str(check["kind"]).lower()
+            if check["type"] == "deployment-available":
+                kubectl(kubeconfig, "wait", *ns, "--for=condition=Available", "--timeout=300s",
+                        f"deployment/{check['name']}")
+            elif check["type"] in ("statefulset-ready", "daemonset-ready"):
+                kubectl(kubeconfig, "rollout", "status", *ns, "--timeout=300s", f"{kind}/{check['name']}")
+            elif check["type"] == "job-complete":
+                kubectl(kubeconfig, "wait", *ns, "--for=condition=Complete", "--timeout=300s", f"job/{check['name']}")
+    return time.perf_counter() - t0
+
+
+def _dag_order(units: list[model.Unit]) -> list[model.Unit]:
+    done: list[model.Unit] = []
+    names = {u.name for u in units}
+    while len(done) < len(units):
+        for u in units:
+            if u not in done and all(d not in names or d in {x.name for x in done} for d in u.depends_on):
+                done.append(u)
+                break
+    return done
+
+
+def idle(config: Path, env: dict[str, str], seconds: float) -> tuple[float, float, float]:
+    """Run the daemon; after it settled, (steady RSS MiB, peak RSS MiB, CPU % of one core) over ``seconds``."""
+    proc = subprocess.Popen([*AGENT, "--config", str(config), "run"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p = psutil.Process(proc.pid)
+        time.sleep(20)  # startup: load the bundle spec, first health pass
+        c0, t0 = p.cpu_times(), time.perf_counter()
+        samples = []
+        while time.perf_counter() - t0 < seconds:
+            samples.append(p.memory_info().rss / 2**20)
+            time.sleep(1)
+        c1, t1 = p.cpu_times(), time.perf_counter()
+        cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0) * 100
+        peak = getattr(p.memory_full_info(), "rss", 0) / 2**20
+        return sorted(samples)[len(samples) // 2], max(max(samples), peak), cpu
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", type=float, default=20.0, help="sim clock speed (both sims)")
+    parser.add_argument("--idle", type=float, default=90.0, help="seconds of idle supervision to measure")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-install-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EDGEFLEET_FAILPOINT", None)
+    try:
+        k = kit.make_trust(work / "trust")
+        res = build.build(profile=build.DEFAULT_PROFILE, platform=PLATFORM / "idp-blueprint",
+                          mirror=PLATFORM / "mirror", out=work / "idp.bundle", version="1.0.0", release=1,
+                          keys=[k.private], allow_unrendered=True)
+        print(f"bundle: {res.object_count} objects, {res.path.stat().st_size / 2**20:.2f} MiB, "
+              f"unrendered (need helm): {', '.join(res.needs_helm) or '-'}")
+        with (sim.testing.start_process(speed=args.speed) as site_a,
+              sim.testing.start_process(speed=args.speed) as site_b):
+            config = kit.write_config(work / "agent.yaml", state_dir=work / "state", trust_dir=work / "trust",
+                                      kubeconfig=site_a.kubeconfig, default_gate_timeout_seconds=600)
+            doc = yaml.safe_load(config.read_text())
+            doc["http"] = {"enabled": True, "port": 0}
+            doc["install"].pop("default_gate_timeout_seconds")
+            config.write_text(yaml.safe_dump(doc))
+            agent_s, rc, agent_peak = run_measured([*AGENT, "--config", str(config), "bundle", "import",
+                                                    str(res.path), "--wait"], env)
+            if rc != 0:
+                print(f"agent install failed (rc={rc})")
+                return 1
+            store = StateStore.open(work / "state")
+            rec = journal.current(store)
+            assert rec is not None
+            spec = source.load_spec(manifest_json=rec.manifest, bundle_id=rec.bundle_id, path=rec.path,
+                                    default_timeout=600)
+            entries = journal.entries(store, journal.last_run(store).id)  # type: ignore[union-attr]
+            engine_s = entries[-1]["ts"] - entries[0]["ts"]
+            store.close()
+            kube_s = baseline(site_b.kubeconfig, spec, work)
+            steady, peak_idle, cpu = idle(config, env, args.idle)
+        ratio = agent_s / kube_s
+        print(f"agent install (import --wait, verify + plan + apply + gates + commit): {agent_s:.1f} s "
+              f"(engine, prepare..commit: {engine_s:.1f} s)")
+        print(f"kubectl apply --server-side, same objects and order, same gates:     {kube_s:.1f} s")
+        print(f"ratio agent/kubectl: {ratio:.2f}x (target <= 0.5x)")
+        print(f"agent peak RSS during install: {agent_peak:.1f} MiB; daemon steady RSS: {steady:.1f} MiB, "
+              f"peak while idle: {peak_idle:.1f} MiB (target <= 64 MiB)")
+        print(f"daemon idle CPU: {cpu:.2f}% of one core over {args.idle:.0f} s (target <= 1%)")
+        print(f"(bench process itself: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

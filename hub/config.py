@@ -115,6 +115,8 @@ class HubConfig(BaseSettings):
     #: A site is stale when no status arrived within ``staleness_factor`` x its reported interval.
     staleness_factor: float = Field(default=3.0, ge=1.0)
     staleness_check_seconds: float = Field(default=5.0, gt=0)
+    #: A replica silent (no heartbeat in the store) this long has its broker session adopted by a live one.
+    replica_takeover_seconds: float = Field(default=15.0, ge=1.0)
     log_format: Literal["auto", "json", "console"] = "auto"
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()

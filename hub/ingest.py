@@ -41,12 +41,27 @@ def topic_filters(*, shared: bool, group: str) -> list[str]:
     return [f"$share/{group}/{t}" for t in base] if shared else base
 
 
+@dataclass(eq=False)
+class Connection:
+    """One broker connection; acknowledgements are only valid on the connection that received the message."""
+
+    client: aiomqtt.Client
+    open: bool = True
+
+    def ack(self, mid: int, qos: int) -> None:
+        # After a reconnect the broker redelivers instead; a stale message id must not be acknowledged.
+        if qos == 0 or not self.open:
+            return
+        # aiomqtt exposes no manual acknowledgement; paho does (manual_ack_set in connection()).
+        self.client._client.ack(mid, qos)
+
+
 @dataclass
 class _Item:
     received: store.Received
     mid: int
     qos: int
-    generation: int
+    conn: Connection
 
 
 class _RejectLog:
@@ -100,12 +115,12 @@ class Ingest:
         self.full = asyncio.Event()
         self.dedupe = _Dedupe(cfg.dedupe_cache)
         self.reject_log = _RejectLog(cfg.reject_log_interval_seconds)
-        #: Set once the first subscription is in place (tests and the demo wait for it).
+        #: Set while subscribed (tests and the demo wait for it); cleared when the connection drops.
         self.subscribed = asyncio.Event()
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def handle(self, message: aiomqtt.Message, *, generation: int) -> None:
+    def handle(self, message: aiomqtt.Message, *, conn: Connection) -> None:
         """Validate one delivery and queue it for the next batch (or acknowledge it right away)."""
         m = self.ctx.metrics
         topic = message.topic.value
@@ -119,25 +134,17 @@ class Ingest:
         except protocol.ProtocolError as exc:
             m.rejected.labels(reason=exc.reason).inc()
             self.reject_log(exc, topic=topic)
-            self._ack(message.mid, message.qos, generation)
+            conn.ack(message.mid, message.qos)
             return
         if parsed.msg_id in self.dedupe:
             m.duplicates.labels(kind=str(getattr(parsed, "kind", channel))).inc()
-            self._ack(message.mid, message.qos, generation)
+            conn.ack(message.mid, message.qos)
             return
         received = store.Received(message=parsed, received_at=datetime.now(UTC), retained=bool(message.retain))
-        self.batch.append(_Item(received=received, mid=message.mid, qos=message.qos, generation=generation))
+        self.batch.append(_Item(received=received, mid=message.mid, qos=message.qos, conn=conn))
         m.pending.set(len(self.batch))
         if len(self.batch) >= self.ctx.config.ingest.batch_size:
             self.full.set()
-
-    def _ack(self, mid: int, qos: int, generation: int) -> None:
-        link = self.ctx.link
-        # A message id belongs to one connection: after a reconnect the broker redelivers instead.
-        if qos == 0 or link.client is None or generation != link.generation:
-            return
-        # aiomqtt exposes no manual acknowledgement; paho does (manual_ack_set in connect()).
-        link.client._client.ack(mid, qos)
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -164,7 +171,7 @@ class Ingest:
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
                     backoff = min(backoff * 2, 30.0)
             for item in items:
-                self._ack(item.mid, item.qos, item.generation)
+                item.conn.ack(item.mid, item.qos)
                 self.dedupe.add(item.received.message.msg_id)
             self.ctx.metrics.pending.set(len(self.batch))
             self._notify(result)
@@ -199,25 +206,36 @@ class Ingest:
 
     # ---- connection ------------------------------------------------------------------------
 
-    async def connection(self) -> None:
-        """One broker connection: subscribe, then read until it drops (raises :class:`aiomqtt.MqttError`)."""
+    async def connection(self, *, identifier: str | None = None) -> None:
+        """One broker connection: subscribe, then read until it drops (raises :class:`aiomqtt.MqttError`).
+
+        ``identifier`` other than our own is a dead replica's session being adopted (hub/replicas.py):
+        then the connection only drains and ingests, and is not the link commands publish on.
+        """
         cfg = self.ctx.config.mqtt
-        client = mqtt.make_client(cfg)
+        primary = identifier is None
+        client = mqtt.make_client(cfg, identifier=identifier)
         # Acknowledge after commit, not on receipt (see the module docstring).
         client._client.manual_ack_set(True)
         async with client:
-            generation = self.ctx.link.attach(client)
-            self.ctx.metrics.connected.set(1)
+            conn = Connection(client)
+            if primary:
+                self.ctx.link.attach(client)
+                self.ctx.metrics.connected.set(1)
             try:
                 filters = topic_filters(shared=cfg.shared_subscriptions and cfg.protocol == "5", group=cfg.shared_group)
                 await client.subscribe([(f, 1) for f in filters])
                 log.info("subscribed", broker=f"{cfg.host}:{cfg.port}", filters=filters, client_id=client.identifier)
-                self.subscribed.set()
+                if primary:
+                    self.subscribed.set()
                 async for message in client.messages:
-                    self.handle(message, generation=generation)
+                    self.handle(message, conn=conn)
             finally:
-                self.ctx.link.detach()
-                self.ctx.metrics.connected.set(0)
+                conn.open = False
+                if primary:
+                    self.subscribed.clear()
+                    self.ctx.link.detach()
+                    self.ctx.metrics.connected.set(0)
 
 
 async def run(ctx: HubContext, *, pipeline: Ingest | None = None) -> None:

@@ -204,6 +204,20 @@ class BundleRow(Base):
     info: Mapped[dict[str, Any]]
 
 
+class HubReplica(Base):
+    """Hub replicas sharing a subscription group, so survivors can adopt a dead replica's broker session."""
+
+    __tablename__ = "hub_replicas"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shared_group: Mapped[str] = mapped_column(String(100))
+    hostname: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    #: The live replica currently draining this (dead) replica's session, if any.
+    adopted_by: Mapped[str | None] = mapped_column(String(64))
+
+
 def _table(cls: type[Base]) -> Table:
     return cast(Table, cls.__table__)
 
@@ -217,3 +231,4 @@ COMMANDS = _table(CommandRow)
 COMMAND_COUNTERS = _table(CommandCounter)
 REPLIES = _table(ReplyRow)
 BUNDLES = _table(BundleRow)
+HUB_REPLICAS = _table(HubReplica)

@@ -18,7 +18,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from hub import api, commands, ingest, sweeper
+from hub import api, commands, ingest, replicas, sweeper
 from hub.config import HubConfig
 from hub.context import HubContext
 from hub.store import open_store
@@ -47,9 +47,11 @@ async def running(config: HubConfig, *, serve_api: bool = True) -> AsyncIterator
         ctx = HubContext(config=config, store=store, command_key=key)
         app = api.create_app(ctx)
         pipeline = ingest.Ingest(ctx)
+        started = await replicas.register(ctx)
         tasks = [
             asyncio.create_task(ingest.run(ctx, pipeline=pipeline), name="hub-ingest"),
             asyncio.create_task(sweeper.run(ctx), name="hub-sweeper"),
+            asyncio.create_task(replicas.run(ctx, pipeline=pipeline, started=started), name="hub-replicas"),
         ]
         server: uvicorn.Server | None = None
         port: int | None = None

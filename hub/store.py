@@ -37,6 +37,7 @@ from hub.models import (
     COMMAND_COUNTERS,
     COMMANDS,
     EVENTS,
+    HUB_REPLICAS,
     REPLIES,
     SITES,
     SNAPSHOTS,
@@ -603,6 +604,52 @@ class Store:
                 .limit(limit)
             ).mappings()
             return [dict(r) for r in rows]
+
+    # ---- replicas ----------------------------------------------------------------------------
+
+    def replica_heartbeat(self, client_id: str, *, group: str, hostname: str, started: datetime) -> None:
+        """Record that ``client_id`` is alive; a live replica is never adopted (``adopted_by`` cleared)."""
+        now = utcnow()
+        ins = self._insert(HUB_REPLICAS).values(
+            client_id=client_id, shared_group=group, hostname=hostname, started_at=started, heartbeat_at=now
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=["client_id"],
+            set_={"heartbeat_at": now, "adopted_by": None, "hostname": hostname, "started_at": started},
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def claim_dead_replicas(self, me: str, *, group: str, stale_before: datetime) -> list[str]:
+        """Claim the sessions of replicas (same group) silent since ``stale_before`` and not already adopted
+        by a live replica; return the ones ``me`` now holds (including those it held already)."""
+        t = HUB_REPLICAS
+        live = sa.select(t.c.client_id).where(t.c.heartbeat_at >= stale_before).scalar_subquery()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(t)
+                .where(
+                    t.c.shared_group == group,
+                    t.c.client_id != me,
+                    t.c.heartbeat_at < stale_before,
+                    sa.or_(t.c.adopted_by.is_(None), t.c.adopted_by == me, t.c.adopted_by.not_in(live)),
+                )
+                .values(adopted_by=me)
+            )
+            return list(
+                conn.execute(
+                    sa.select(t.c.client_id).where(t.c.adopted_by == me, t.c.heartbeat_at < stale_before)
+                ).scalars()
+            )
+
+    def replica_adopted_by(self, client_id: str, *, stale_before: datetime) -> str | None:
+        """Who holds ``client_id``'s session: None once the replica is alive again (or unknown)."""
+        t = HUB_REPLICAS
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.heartbeat_at, t.c.adopted_by).where(t.c.client_id == client_id)).first()
+        if row is None or row.heartbeat_at >= stale_before:
+            return None
+        return str(row.adopted_by) if row.adopted_by else None
 
     # ---- reads (API) -------------------------------------------------------------------------
 

@@ -58,11 +58,11 @@ class Broker:
             f"log_dest file {self.workdir}/mosquitto.log",
         ]
         conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                raise RuntimeError(f"mosquitto exited: {(self.workdir / "mosquitto.log").read_text(errors="replace")[-500:]}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
@@ -184,3 +184,82 @@ def counter(registry: Any, name: str, **labels: str) -> float:
 
 def ago(seconds: float) -> datetime:
     return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+@dataclass
+class HubProcess:
+    """``edgefleet-hub run`` as a real process (so it can be SIGKILLed), configured by a YAML file."""
+
+    workdir: Path
+    config: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['api']['port']}"
+
+    def start(self) -> None:
+        import yaml
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "hub.yaml"
+        path.write_text(yaml.safe_dump(self.config))
+        log = open(self.workdir / "hub.log", "ab")  # noqa: SIM115
+        exe = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "edgefleet-hub"
+        self.proc = subprocess.Popen([str(exe), "--config", str(path), "run"], stdout=log, stderr=log)
+        log.close()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        import httpx
+
+        async def ok() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hub exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                async with httpx.AsyncClient() as http:
+                    r = await http.get(f"{self.api_url}/healthz", timeout=1)
+                    return bool(r.status_code == 200 and r.json()["mqtt_connected"])
+            except httpx.HTTPError:
+                return False
+
+        await wait_until(ok, timeout=timeout, what="hub process ready")
+
+    async def metric(self, name: str, **labels: str) -> float:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{self.api_url}/metrics", timeout=5)).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def log(self) -> str:
+        p = self.workdir / "hub.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def hub_process_config(*, broker: Broker, db_url: str, client_id: str, **overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "db_url": db_url,
+        "log_format": "json",
+        "staleness_check_seconds": 1,
+        "mqtt": {"host": broker.host, "port": broker.port, "client_id": client_id, "reconnect_max_seconds": 1},
+        "ingest": {"flush_interval_seconds": 0.05},
+        "api": {"host": "127.0.0.1", "port": free_port()},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    return doc

@@ -30,18 +30,31 @@ async def _collect_commands(broker: Broker, site: str, out: list[bytes], ready: 
 async def test_reads_and_token_protected_writes(broker: Broker, tmp_path: Path) -> None:
     keydir = tmp_path / "keys"
     key_path, pub_path, keyid = commands.keygen(keydir)
-    cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path,
-                  commands={"key_file": str(key_path)})
+    cfg = hub_cfg(
+        broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path, commands={"key_file": str(key_path)}
+    )
     async with service.running(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         await wait_until(hub.ingest.subscribed.is_set, what="subscription")
         async with publisher(broker) as pub:
-            await publish(pub, status("site-a", 1, state="red", snapshot=protocol.SnapshotInfo(
-                last_success=datetime.now(UTC) - timedelta(hours=1), size_bytes=1234, revision=7)),
-                channel=protocol.Channel.STATUS)
+            await publish(
+                pub,
+                status(
+                    "site-a",
+                    1,
+                    state="red",
+                    snapshot=protocol.SnapshotInfo(
+                        last_success=datetime.now(UTC) - timedelta(hours=1), size_bytes=1234, revision=7
+                    ),
+                ),
+                channel=protocol.Channel.STATUS,
+            )
             await publish(pub, status("site-b", 1), channel=protocol.Channel.STATUS)
             for seq in range(2, 8):
-                await publish(pub, event("site-a", seq, type="snapshot.failed" if seq == 7 else "install.done"),
-                              channel=protocol.Channel.EVENTS)
+                await publish(
+                    pub,
+                    event("site-a", seq, type="snapshot.failed" if seq == 7 else "install.done"),
+                    channel=protocol.Channel.EVENTS,
+                )
         await wait_until(lambda: len(hub.ctx.store.site_events("site-a")) == 6, what="events")
 
         # Reads are anonymous by default.
@@ -113,8 +126,9 @@ async def test_reads_and_token_protected_writes(broker: Broker, tmp_path: Path) 
 
         # Replies move the command forward, never back; a reply from another site changes nothing.
         async with publisher(broker) as pub:
-            for seq, (site, st) in enumerate([("site-a", "accepted"), ("site-a", "done"), ("site-a", "accepted"),
-                                              ("site-b", "failed")], start=20):
+            for seq, (site, st) in enumerate(
+                [("site-a", "accepted"), ("site-a", "done"), ("site-a", "accepted"), ("site-b", "failed")], start=20
+            ):
                 rep = protocol.Reply(site=site, seq=seq, cmd_id=ids[0], status=protocol.ReplyStatus(st), detail=st)
                 await publish(pub, rep, channel=protocol.Channel.REPLIES)
         await wait_until(lambda: len(hub.ctx.store.get_command(ids[0])["replies"]) == 4, what="replies")  # type: ignore[index]
@@ -125,21 +139,31 @@ async def test_reads_and_token_protected_writes(broker: Broker, tmp_path: Path) 
 
 
 async def test_read_tokens_and_no_write_tokens(broker: Broker, tmp_path: Path) -> None:
-    cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path,
-                  api={"read_tokens": ["r-secret"], "write_tokens": []})
+    cfg = hub_cfg(
+        broker=broker,
+        db_url=f"sqlite:///{tmp_path / 'h.db'}",
+        tmp=tmp_path,
+        api={"read_tokens": ["r-secret"], "write_tokens": []},
+    )
     async with service.running(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         assert (await http.get("/api/v1/sites")).status_code == 401
         assert (await http.get("/api/v1/sites", headers={"Authorization": "Bearer r-secret"})).status_code == 200
         # No write token configured: writes are refused even with a read token.
-        r = await http.post("/api/v1/sites/site-a/commands", json={"name": "report-now"},
-                            headers={"Authorization": "Bearer r-secret"})
+        r = await http.post(
+            "/api/v1/sites/site-a/commands", json={"name": "report-now"}, headers={"Authorization": "Bearer r-secret"}
+        )
         assert r.status_code == 403
 
 
 async def test_command_without_broker_stays_pending_then_publishes(broker: Broker, tmp_path: Path) -> None:
     key_path, _pub, _kid = commands.keygen(tmp_path / "keys")
-    cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path,
-                  commands={"key_file": str(key_path)}, mqtt={"reconnect_max_seconds": 0.5})
+    cfg = hub_cfg(
+        broker=broker,
+        db_url=f"sqlite:///{tmp_path / 'h.db'}",
+        tmp=tmp_path,
+        commands={"key_file": str(key_path)},
+        mqtt={"reconnect_max_seconds": 0.5},
+    )
     async with service.running(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         await wait_until(hub.ingest.subscribed.is_set, what="subscription")
         broker.stop()
@@ -148,16 +172,25 @@ async def test_command_without_broker_stays_pending_then_publishes(broker: Broke
         assert r.status_code == 202 and r.json()["state"] == "pending"
         cmd_id = r.json()["cmd_id"]
         broker.start()
-        await wait_until(lambda: hub.ctx.store.get_command(cmd_id)["state"] == "published", timeout=20,  # type: ignore[index]
-                         what="published after reconnect")
+        await wait_until(
+            lambda: hub.ctx.store.get_command(cmd_id)["state"] == "published",
+            timeout=20,  # type: ignore[index]
+            what="published after reconnect",
+        )
 
 
 def _make_bundle(tmp: Path, *, signer: Any, name: str = "site", version: str = "1.2.3") -> Path:
     src = tmp / "payload.txt"
     src.write_text("hello edge\n")
     now = datetime.now(UTC)
-    manifest = Manifest(name=name, version=version, release=3, created=now - timedelta(minutes=5),
-                        expires=now + timedelta(days=30), files=(pack.file_entry("payload.txt", src),))
+    manifest = Manifest(
+        name=name,
+        version=version,
+        release=3,
+        created=now - timedelta(minutes=5),
+        expires=now + timedelta(days=30),
+        files=(pack.file_entry("payload.txt", src),),
+    )
     out = tmp / f"{name}-{version}.bundle"
     pack.write_bundle(out, manifest=manifest, sources={"payload.txt": src}, keys=[signer])
     return out
@@ -169,8 +202,13 @@ async def test_bundle_upload_is_verified_before_it_is_offered(broker: Broker, tm
     root_path = tmp_path / "trust" / "root.json"
     trust.save_root(root_path, trust.sign_root(root, keys=[signer]).to_json())
     key_path, _pub, _kid = commands.keygen(tmp_path / "keys")
-    cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path, trust_root=str(root_path),
-                  commands={"key_file": str(key_path)})
+    cfg = hub_cfg(
+        broker=broker,
+        db_url=f"sqlite:///{tmp_path / 'h.db'}",
+        tmp=tmp_path,
+        trust_root=str(root_path),
+        commands={"key_file": str(key_path)},
+    )
     good = _make_bundle(tmp_path, signer=signer)
     (tmp_path / "other").mkdir()
     stranger = _make_bundle(tmp_path / "other", signer=keys.generate(), version="9.9.9")
@@ -200,14 +238,18 @@ async def test_bundle_upload_is_verified_before_it_is_offered(broker: Broker, tm
         assert (await http.get(f"/api/v1/bundles/{'0' * 64}/download")).status_code == 404
 
         # install-bundle by reference resolves to this hub's download URL and the bundle's digest.
-        r = await http.post("/api/v1/sites/site-a/commands", headers=W,
-                            json={"name": "install-bundle", "args": {"bundle": offered["sha256"]}})
+        r = await http.post(
+            "/api/v1/sites/site-a/commands",
+            headers=W,
+            json={"name": "install-bundle", "args": {"bundle": offered["sha256"]}},
+        )
         assert r.status_code == 202, r.text
         args = r.json()["args"]
         assert args["sha256"] == offered["sha256"]
         assert args["url"].endswith(f"/api/v1/bundles/{offered['sha256']}/download")
-        r = await http.post("/api/v1/sites/site-a/commands", headers=W,
-                            json={"name": "install-bundle", "args": {"bundle": "f" * 64}})
+        r = await http.post(
+            "/api/v1/sites/site-a/commands", headers=W, json={"name": "install-bundle", "args": {"bundle": "f" * 64}}
+        )
         assert r.status_code == 400 and "no bundle" in r.json()["detail"]
 
 

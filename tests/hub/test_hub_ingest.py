@@ -9,7 +9,7 @@ from hub_harness import Broker, counter, event, hub_cfg, publish, publisher, sta
 
 from agent import protocol
 from hub import service
-from hub.models import EVENTS, SITES, STATUS_HISTORY
+from hub.models import EVENTS, STATUS_HISTORY
 
 
 def _count(hub: service.Hub, table: sa.Table, **where: str) -> int:
@@ -27,8 +27,9 @@ async def test_valid_messages_are_stored(broker: Broker, db_url: str, tmp_path: 
         async with publisher(broker) as pub:
             await publish(pub, protocol.Online(site="site-a", seq=1, online=True), channel=protocol.Channel.ONLINE)
             for seq in range(2, 7):
-                await publish(pub, status("site-a", seq, state="yellow" if seq == 6 else "green"),
-                              channel=protocol.Channel.STATUS)
+                await publish(
+                    pub, status("site-a", seq, state="yellow" if seq == 6 else "green"), channel=protocol.Channel.STATUS
+                )
             for seq in range(7, 17):
                 await publish(pub, event("site-a", seq), channel=protocol.Channel.EVENTS)
             await publish(pub, status("site-b", 1), channel=protocol.Channel.STATUS)

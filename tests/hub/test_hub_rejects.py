@@ -59,13 +59,22 @@ async def test_topic_validated_even_if_broker_delivers_anything(broker: Broker, 
     async with service.running(cfg, serve_api=False) as hub:
         pipe: ingest.Ingest = hub.ingest
         msg = aiomqtt.Message(
-            topic="edgefleet/v1/sites/site-a/../site-b/status", payload=status("site-a", 1).to_bytes(), qos=0,
-            retain=False, mid=0, properties=None,
+            topic="edgefleet/v1/sites/site-a/../site-b/status",
+            payload=status("site-a", 1).to_bytes(),
+            qos=0,
+            retain=False,
+            mid=0,
+            properties=None,
         )
-        pipe.handle(msg, generation=-1)
+        pipe.handle(msg, conn=ingest.Connection(client=None, open=False))  # type: ignore[arg-type]
         msg2 = aiomqtt.Message(
-            topic="other/topic", payload=b"{}", qos=0, retain=False, mid=0, properties=None,
+            topic="other/topic",
+            payload=b"{}",
+            qos=0,
+            retain=False,
+            mid=0,
+            properties=None,
         )
-        pipe.handle(msg2, generation=-1)
+        pipe.handle(msg2, conn=ingest.Connection(client=None, open=False))  # type: ignore[arg-type]
         assert counter(hub.ctx.metrics.registry, "edgefleet_hub_messages_rejected_total", reason="topic") == 2
         assert not pipe.batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from pathlib import Path
 
 from hub_harness import Broker, hub_cfg, publish, publisher, status, wait_until
@@ -40,18 +42,36 @@ async def test_last_will_marks_site_offline(broker: Broker, tmp_path: Path) -> N
         await wait_until(hub.ingest.subscribed.is_set, what="subscription")
         store = hub.ctx.store
         will_msg = protocol.Online(site="site-w", seq=1, online=False)
-        will = __import__("aiomqtt").Will(
-            protocol.topic("site-w", protocol.Channel.ONLINE), will_msg.to_bytes(), qos=1, retain=True
+        # The "agent" connection: a real MQTT client holding a Last Will, killed without DISCONNECT.
+        agent = subprocess.Popen(
+            [
+                "mosquitto_sub",
+                "-h",
+                broker.host,
+                "-p",
+                str(broker.port),
+                "-i",
+                "site-w-agent",
+                "-t",
+                "nothing/here",
+                "--will-topic",
+                protocol.topic("site-w", protocol.Channel.ONLINE),
+                "--will-payload",
+                will_msg.to_bytes().decode(),
+                "--will-qos",
+                "1",
+                "--will-retain",
+            ],
         )
-        agent = publisher(broker, will=will, keepalive=5)
-        await agent.__aenter__()
-        await publish(agent, protocol.Online(site="site-w", seq=2, online=True), channel=protocol.Channel.ONLINE)
-        await publish(agent, status("site-w", 3), channel=protocol.Channel.STATUS)
-        await wait_until(lambda: (store.get_site("site-w") or {}).get("online") is True, what="online")
-        # Drop the connection without DISCONNECT: the broker publishes the will.
-        agent._client.socket().close()
-        await wait_until(lambda: store.get_site("site-w")["online"] is False, timeout=20, what="will")  # type: ignore[index]
         try:
-            await agent.__aexit__(None, None, None)
-        except Exception:
-            pass
+            async with publisher(broker) as pub:
+                await publish(pub, protocol.Online(site="site-w", seq=2, online=True), channel=protocol.Channel.ONLINE)
+                await publish(pub, status("site-w", 3), channel=protocol.Channel.STATUS)
+            await wait_until(lambda: (store.get_site("site-w") or {}).get("online") is True, what="online")
+            await asyncio.sleep(0.5)
+            agent.kill()
+            agent.wait()
+            await wait_until(lambda: store.get_site("site-w")["online"] is False, timeout=20, what="will")  # type: ignore[index]
+        finally:
+            agent.kill()
+            agent.wait()

@@ -266,3 +266,31 @@ async def test_digest_is_streamed_while_etcdctl_writes(etcd, make_ctx, tmp_path)
     after = verify.digest_raw(dest, compress_to=tmp_path / "b.zst")
     assert (streamed.size, streamed.sha256) == (after.size, after.sha256) == (dest.stat().st_size, after.sha256)
     assert (tmp_path / "a.zst").read_bytes() == (tmp_path / "b.zst").read_bytes()
+
+
+async def test_k3s_backend_moves_the_file_k3s_wrote(etcd, make_ctx, tmp_path):
+    """`k3s etcd-snapshot save --dir D --name N` writes D/N-<node>-<time>; a stub does that with the real etcdctl."""
+    real = binaries.find("etcdctl")
+    calls = tmp_path / "k3s-calls"
+    stub = _stub(
+        tmp_path / "k3s-bin",
+        "k3s",
+        f"""\
+        set -e
+        echo "$@" >> {calls}
+        [ "$1 $2" = "etcd-snapshot save" ] || exit 64
+        shift 2
+        while [ $# -gt 0 ]; do
+          case "$1" in --dir) dir=$2; shift 2;; --name) name=$2; shift 2;; *) shift;; esac
+        done
+        {real} --endpoints={etcd.url} snapshot save "$dir/$name-server-0-1764300000" >/dev/null
+        """,
+    )
+    await put_keys(etcd, 7)
+    ctx = make_ctx(etcd.url, backend="k3s", k3s=stub)
+    outcome = await take.take(ctx, trigger="scheduled")
+    assert outcome.ok, outcome.message
+    assert outcome.entry is not None and outcome.entry.backend == "k3s" and outcome.entry.total_keys >= 7
+    assert "etcd-snapshot save --dir" in calls.read_text() and "--name edgefleet" in calls.read_text()
+    assert snapshot_files(ctx) == [outcome.entry.name]  # k3s's private work dir is gone
+    assert not [p for p in ctx.config.snapshot_dir.iterdir() if p.name.startswith(".k3s-")]

@@ -141,7 +141,7 @@ def publish(ctx: AgentContext, *, components: list[dict[str, Any]] | None = None
         "position": run.position if run else "",
         "last_run": {"bundle": last.bundle, "state": last.state, "error": last.error} if last else None,
         "bad_versions": journal.bad_versions(store),
-        "skipped": source.skipped(cur.manifest) if cur else [],
+        "skipped": _skipped(cur) if cur else [],
     }
     comps = value["components"]
     layers: dict[str, bool] = {}
@@ -152,6 +152,16 @@ def publish(ctx: AgentContext, *, components: list[dict[str, Any]] | None = None
     store.put(sitestatus.INSTALL_KEY, value)
     ctx.report_now.set()
     return value
+
+
+_skipped_cache: dict[str, list[dict[str, Any]]] = {}
+
+
+def _skipped(rec: journal.BundleRecord) -> list[dict[str, Any]]:
+    if rec.bundle_id not in _skipped_cache:
+        _skipped_cache.clear()
+        _skipped_cache[rec.bundle_id] = source.skipped(rec.manifest)
+    return _skipped_cache[rec.bundle_id]
 
 
 def component_health(spec: model.Spec, results: dict[str, tuple[bool, str, bool]]) -> list[dict[str, Any]]:
@@ -335,8 +345,14 @@ class _Runner:
         deadline = time.monotonic() + unit.gate_timeout
 
         async def do_apply() -> dict[str, Any]:
-            return {"objects": await apply.apply_unit(self.api, unit, deadline=deadline,
-                                                      step=f"rollback:apply:{unit.name}")}
+            # Best effort, like the gates below: the last good bundle applied cleanly before, and
+            # a rollback that stops half-way would leave the mix it exists to prevent.
+            try:
+                count = await apply.apply_unit(self.api, unit, deadline=deadline, step=f"rollback:apply:{unit.name}")
+            except apply.ApplyFailed as exc:
+                unhealthy.append(unit.name)
+                return {"error": str(exc)}
+            return {"objects": count}
 
         async def do_gate() -> dict[str, Any]:
             try:

@@ -133,6 +133,7 @@ def site_v1() -> list[Comp]:
         Comp("base", 0, 1, [
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo-a"}},
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo-b"}},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo-old"}},
             _cm("site-info", "demo-a", {"site": "v1"}),
         ]),
         Comp("crds", 0, 1, [CRD]),
@@ -161,12 +162,15 @@ def site_v1() -> list[Comp]:
 
 
 def site_v2() -> list[Comp]:
-    """v1 with: app-a's ConfigMap changed, its Service removed, component ui removed, a ConfigMap added."""
+    """v1 with: app-a's ConfigMap changed, its Service removed, component ui removed, a ConfigMap added,
+    namespace demo-old dropped (retained by prune, not deleted)."""
     comps = copy.deepcopy(site_v1())
     out = []
     for comp in comps:
         if comp.name == "ui":
             continue
+        if comp.name == "base":
+            comp.objects = [o for o in comp.objects if o["metadata"]["name"] != "demo-old"]
         if comp.name == "app-a":
             comp.objects = [o for o in comp.objects if o["kind"] != "Service"]
             comp.objects[0]["data"] = {"mode": "two", "level": "2"}
@@ -180,6 +184,7 @@ def site_bad() -> list[Comp]:
     """v2 plus a component whose Deployment can never become Available (no node matches)."""
     comps = site_v2()
     comps.append(Comp("broken", 2, 4, [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo-bad"}},
         _deploy("never", None, node_selector={"edgefleet.test/no-such-node": "true"}),
         _cm("broken-config", None, {"x": "y"}),
     ], namespace="demo-a", checks=({"type": "deployment-available", "name": "never", "timeoutSeconds": 4},)))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from install_kit import Keys, build_bundle, context, events, managed, site_bad, site_v1, site_v2, which_bundle
 
-from agent import installer, intake, sitestatus
+from agent import installer, intake, kube, sitestatus
 from agent.install import inventory, journal, model
 from bundles import errors
 
@@ -56,6 +56,12 @@ async def test_upgrade_changes_and_prunes(
     live = await managed(api)
     assert "/Service/demo-a/web" not in live and "apps/Deployment/demo-a/ui" not in live
     assert live["/ConfigMap/demo-a/app-a-config"]["data"] == {"mode": "two", "level": "2"}
+    # A dropped Namespace is retained (deleting it would delete everything in it), unlabelled.
+    ns = await kube.get(api, "v1", "Namespace", "demo-old")
+    assert ns is not None and ns["metadata"]["labels"][model.LABEL_RETAINED] == "site-1.0.0"
+    assert model.LABEL_MANAGED_BY not in ns["metadata"]["labels"]
+    [retained] = events(ctx.store, "install.retained")
+    assert retained["data"]["objects"] == ["Namespace/demo-old"]
     # A/B: the last good bundle stays staged and its inventory stays in the cluster.
     report = installer.report(ctx.store)
     assert report["current"] == "site-2.0.0" and report["last_good"] == "site-1.0.0"
@@ -90,6 +96,8 @@ async def test_gate_failure_rolls_back_and_marks_bad(site_config: Path, api: Any
     assert kinds[-3:] == ["install.started", "install.failed", "install.rolled_back"]
     assert await installer.run_pending(ctx, api) is None  # not retried by itself
     assert await inventory.read(api, bundle_name="site", release=3) is None
+    ns = await kube.get(api, "v1", "Namespace", "demo-bad")  # created by the failed bundle: removed
+    assert ns is None or ns.get("status", {}).get("phase") == "Terminating"
     # An explicit re-import clears the mark (and fails again, honestly).
     result = await intake.import_bundle(ctx, bundles["3.0.0"])
     assert result.cleared_bad

@@ -88,6 +88,7 @@ class Controller:
     unreachable_since: float | None = None
     last_restore: float = float("-inf")
     deleted_pods: set[str] = field(default_factory=set)
+    saved_tracker: dict[str, Any] = field(default_factory=dict)
     #: False until one full pass looked at the workloads (adopting annotations without a journal row).
     reconciled: bool = False
 
@@ -140,7 +141,10 @@ class Controller:
         changes = self.tracker.observe(
             raw, now=now, degrade_dwell=self.cfg.degrade_dwell_seconds, recover_dwell=self.cfg.recover_dwell_seconds
         )
-        self.ctx.store.put(TRACKER_KEY, self.tracker.to_json())
+        doc = self.tracker.to_json()
+        if doc != self.saved_tracker:  # lease renewals change it every ~10 s: no fsync per poll
+            self.ctx.store.put(TRACKER_KEY, doc)
+            self.saved_tracker = doc
         for name, available in changes:
             log.info("node available" if available else "node lost", node=name)
         await self.mark_lost_nodes(api, node_objs)
@@ -349,6 +353,7 @@ class Controller:
     async def delete_lost_pods(self, api: Any, pods: list[dict[str, Any]], *, nodes: list[Node]) -> None:
         lost = {n.name for n in nodes if not n.available and not self.tracker.marks[n.name].raw}
         if not lost:
+            self.deleted_pods.clear()
             return
         victims = []
         for pod in pods:

@@ -148,6 +148,21 @@ def test_tier3_only_gets_what_tier2_leaves_and_tier4_what_tier3_leaves() -> None
     assert [plan.targets[w.key] for w in workloads] == [1, 2, 0]
 
 
+def test_running_pods_stay_unless_higher_tiers_need_the_room() -> None:
+    nodes = [node("a", cpu=2000), node("b", cpu=2000)]
+    t4 = wl("t4", 4, 2, cpu=1000, running_on=("a", "a"))
+    plan = planner.plan(nodes, [t4])
+    assert plan.placement[t4.key] == ["a", "a"]  # not spread over a and b: running pods do not move
+    t3 = wl("t3", 3, 2, cpu=1000, running_on=("b",))
+    plan = planner.plan(nodes, [t3, t4])
+    # Tier 3 keeps its running pod on b; its new replica takes the roomier a, and tier 4 (placed
+    # last) keeps one running pod on a; the other (preempted) finds room on b.
+    assert plan.placement[t3.key] == ["b", "a"] and plan.placement[t4.key] == ["a", "b"]
+    big = wl("t2", 2, 1, cpu=2000)
+    plan = planner.plan(nodes, [big, t3, t4])
+    assert plan.placement[big.key] == ["a"] and plan.placement[t3.key] == ["b", "b"] and plan.targets[t4.key] == 0
+
+
 def test_workload_from_manifest_annotation_and_record() -> None:
     obj = {
         "apiVersion": "apps/v1", "kind": "StatefulSet",

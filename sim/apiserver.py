@@ -392,8 +392,8 @@ class ApiServer:
             return obj, False
         if propagation == "Foreground" and "foregroundDeletion" not in finalizers:
             finalizers.append("foregroundDeletion")
-        if propagation == "Orphan" and "orphan" not in finalizers and self._dependents(meta.get("uid", "")):
-            finalizers.append("orphan")
+        if propagation == "Orphan":
+            self._orphan(meta.get("uid", ""))
         if res.kind == "Pod":
             pod_grace = grace if grace is not None else (obj.get("spec") or {}).get("terminationGracePeriodSeconds",
                                                                                    30)
@@ -438,17 +438,19 @@ class ApiServer:
         for hook in self.hooks:
             hook("DELETED", res, obj)
         uid = obj["metadata"].get("uid", "")
-        orphan = "orphan" in (obj["metadata"].get("finalizers") or [])
         for key, entry in self._dependents(uid):
-            if orphan:
-                dep = entry.copy()
-                dep["metadata"]["ownerReferences"] = [o for o in dep["metadata"].get("ownerReferences") or []
-                                                      if o.get("uid") != uid] or None
-                if dep["metadata"]["ownerReferences"] is None:
-                    del dep["metadata"]["ownerReferences"]
-                self.store.put(key, dep)
+            self.collect(key, entry, uid)
+
+    def _orphan(self, uid: str) -> None:
+        """Orphan propagation: dependents lose their ownerReference to ``uid`` before the owner goes."""
+        for key, entry in self._dependents(uid):
+            dep = entry.copy()
+            refs = [o for o in dep["metadata"].get("ownerReferences") or [] if o.get("uid") != uid]
+            if refs:
+                dep["metadata"]["ownerReferences"] = refs
             else:
-                self.collect(key, entry, uid)
+                dep["metadata"].pop("ownerReferences", None)
+            self.store.put(key, dep)
 
     def _dependents(self, uid: str) -> list[tuple[Key, Entry]]:
         if not uid:

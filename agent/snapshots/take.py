@@ -108,6 +108,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _free_name(ctx: AgentContext, directory: Path, now: datetime) -> str:
+    """A name no file or row has: after a clock step backwards, ``now`` may repeat an old time."""
+    compressed = ctx.config.snapshots.compress
+    stamp = now
+    while True:
+        name = snapshot_name(stamp, compressed=compressed)
+        raw = name.removesuffix(verify.ZST_SUFFIX)
+        taken = {raw, raw + verify.ZST_SUFFIX}
+        if not any((directory / n).exists() or catalog.get(ctx.store, n) for n in taken):
+            return name
+        stamp += timedelta(milliseconds=1)
+
+
 def _guard(ctx: AgentContext, directory: Path, free_bytes: FreeBytes) -> None:
     cfg = ctx.config.snapshots
     free = free_bytes(directory)
@@ -141,7 +154,7 @@ async def _take_locked(
     cfg = ctx.config.snapshots
     _guard(ctx, directory, free_bytes)
     etcdutl = _etcdutl(ctx)  # before taking anything: an unverifiable snapshot is a failure anyway
-    name = snapshot_name(now, compressed=cfg.compress)
+    name = _free_name(ctx, directory, now)
     raw_name = name.removesuffix(verify.ZST_SUFFIX)
     raw_part = directory / f"{raw_name}.part"
     final = directory / name

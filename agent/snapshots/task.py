@@ -29,6 +29,7 @@ log = structlog.get_logger("edgefleet.snapshots")
 
 SLICE_SECONDS = 60.0  # longest uninterrupted wait, in clock seconds
 STATUS_REFRESH_SECONDS = 60.0  # real seconds between site.snapshot age refreshes
+CLOCK_STEP = timedelta(minutes=5)  # a backwards jump larger than this is a clock step, not drift
 
 
 def backoff(config_initial: float, config_max: float, consecutive: int) -> float:
@@ -81,9 +82,16 @@ async def _loop(
         due, reason = schedule.next_fire(cron, after=now), "scheduled"
     retries = 0
     refreshed = time.monotonic()
+    last_seen = now
 
     while True:
         now = clock.now()
+        if now < last_seen - CLOCK_STEP and reason != "catch-up":
+            # The clock stepped back (NTP after a cold boot, an operator fixing it): fire times
+            # computed from the old clock could be days away. Recompute from the new one.
+            due = schedule.next_fire(cron, after=now) if reason == "scheduled" else now
+            log.warning("wall clock stepped backwards; schedule recomputed", now=now.isoformat())
+        last_seen = now
         if ctx.snapshot_now.is_set():
             ctx.snapshot_now.clear()
             if (await take.take(ctx, trigger="on-demand", free_bytes=free_bytes, now=now)).ok:

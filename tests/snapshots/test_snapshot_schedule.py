@@ -169,3 +169,22 @@ async def test_etcd_down_fails_and_retries_with_backoff_until_it_is_back(make_ct
     assert kinds == ["snapshot.failed"] * len(failed) + ["snapshot.succeeded"]
     assert [e["data"]["consecutive_failures"] for e in events(ctx)[:-1]] == list(range(1, len(failed) + 1))
     assert ctx.store.get(sitestatus.SNAPSHOT_KEY)["failures"] == 0
+
+
+async def test_clock_stepping_back_recomputes_the_schedule(etcd, make_ctx):
+    ctx = make_ctx(etcd.url, schedule="0 * * * *")
+    assert (await take.take(ctx, trigger="manual", now=at(10, 30, day=3))).ok
+    clock = schedule.Clock(start=at(10, 40, day=3), speed=600)  # next fire 11:00 on the 3rd
+    runner = asyncio.create_task(task.run(ctx, clock=clock))
+    try:
+        await asyncio.sleep(0.3)
+        # NTP corrects the clock a day back: waiting for "11:00 on the 3rd" would mean 24 h without a snapshot.
+        clock.start = clock.start - dt.timedelta(days=1)
+        await _until(lambda: "scheduled" in _triggers(ctx), timeout=10, what="a run on the corrected clock")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    [scheduled] = [e for e in catalog.entries(ctx.store) if e.trigger == "scheduled"]
+    assert at(11, day=2) <= scheduled.taken < at(11, 5, day=2)
+    # Its name is unique even though the clock now repeats times already used.
+    assert len({e.name for e in catalog.entries(ctx.store)}) == 2

@@ -10,6 +10,8 @@ Public surface (stable):
   decisions; used by ``inspect`` and ``sign``.
 - ``cleanup_stale(store_dir)``: remove ``.staging-*``/``.trash-*`` left by a crash (call at startup,
   when no verification is running).
+- ``load_staged(path) -> Manifest``: the manifest of an already staged bundle (after a restart);
+  ``recheck_staged(path)``: re-hash its payload against the manifest (tamper/disk-rot check).
 - ``StagedBundle``: ``path`` (``<store>/<bundle_id>``: ``manifest.json`` = the signed manifest bytes,
   ``manifest.dsse.json`` = the envelope as shipped, ``root-chain.json`` if any, ``payload/<files>``),
   ``payload_dir``, ``manifest``, ``bundle_id`` (sha256 hex of the envelope bytes), ``root`` (the
@@ -171,6 +173,49 @@ def read_envelope(path: Path | str, *, limits: Limits | None = None) -> tuple[by
         stream = container.CappedStream(raw, compression, limit=_preamble_limit(lim))
         env_bytes, chain, _pending = _read_preamble(stream, lim)
     return env_bytes, chain, compression
+
+
+def load_staged(path: Path | str) -> Manifest:
+    """The manifest of a bundle staged earlier (e.g. after an agent restart), without re-verifying.
+
+    Trusted because only a fully verified bundle is ever renamed into the store; the check that
+    the directory name is the sha256 of its envelope and that ``manifest.json`` is the envelope's
+    payload catches a wrong path or a partially restored backup, not a root-level attacker.
+    """
+    base = Path(path)
+    try:
+        env_bytes = (base / container.ENVELOPE_NAME).read_bytes()
+        manifest_bytes = (base / "manifest.json").read_bytes()
+    except OSError as exc:
+        raise errors.MissingFile(f"staged bundle {base} is incomplete: {exc.strerror}") from None
+    if hashlib.sha256(env_bytes).hexdigest() != base.name:
+        raise errors.DigestMismatch(f"{base} is not a staged bundle: its name is not the envelope's sha256")
+    try:
+        envelope = dsse.parse(env_bytes, max_bytes=Limits().max_envelope_bytes)
+    except dsse.EnvelopeError as exc:
+        raise errors.EnvelopeInvalid(str(exc)) from None
+    if envelope.payload != manifest_bytes:
+        raise errors.DigestMismatch(f"{base}/manifest.json differs from the signed manifest")
+    return parse_manifest(manifest_bytes)
+
+
+def recheck_staged(path: Path | str) -> Manifest:
+    """Re-hash every payload file of a staged bundle against its manifest (disk rot, tampering)."""
+    base = Path(path)
+    manifest = load_staged(base)
+    for entry in manifest.files:
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(base / "payload" / entry.path, "rb") as fh:
+                while chunk := fh.read(container.CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            raise errors.MissingFile(f"staged file {entry.path}: {exc.strerror}") from None
+        if size != entry.size or h.hexdigest() != entry.sha256:
+            raise errors.DigestMismatch(f"staged file {entry.path} no longer matches the manifest")
+    return manifest
 
 
 def cleanup_stale(store_dir: Path | str) -> list[Path]:

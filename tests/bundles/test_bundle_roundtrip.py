@@ -137,3 +137,20 @@ def test_payload_paths_and_container_layout(kit: Kit) -> None:
             names.append(hdr.name)
             stream.read_exact(hdr.size + container.padding(hdr.size), what="x")
     assert names == ["manifest.dsse.json", "payload/demo/001-namespace.yaml", "payload/demo/002-web.yaml"]
+
+
+def test_load_and_recheck_staged(kit: Kit) -> None:
+    staged = verify.verify_and_stage(kit.bundle(), root=kit.root, store_dir=kit.store, now=NOW)
+    assert verify.load_staged(staged.path) == staged.manifest
+    assert verify.recheck_staged(staged.path) == staged.manifest
+    (staged.payload_dir / "demo/002-web.yaml").write_bytes(b"kind: Pod\n")
+    with pytest.raises(errors.DigestMismatch):
+        verify.recheck_staged(staged.path)
+    (staged.payload_dir / "demo/002-web.yaml").unlink()
+    with pytest.raises(errors.MissingFile):
+        verify.recheck_staged(staged.path)
+    (staged.path / "manifest.json").write_bytes(b"{}")
+    with pytest.raises(errors.DigestMismatch):
+        verify.load_staged(staged.path)
+    with pytest.raises(errors.MissingFile):
+        verify.load_staged(kit.store / "older-bundle")

@@ -294,3 +294,13 @@ async def test_k3s_backend_moves_the_file_k3s_wrote(etcd, make_ctx, tmp_path):
     assert "etcd-snapshot save --dir" in calls.read_text() and "--name edgefleet" in calls.read_text()
     assert snapshot_files(ctx) == [outcome.entry.name]  # k3s's private work dir is gone
     assert not [p for p in ctx.config.snapshot_dir.iterdir() if p.name.startswith(".k3s-")]
+
+
+async def test_a_repeated_clock_time_never_overwrites_a_snapshot(etcd, make_ctx):
+    ctx = make_ctx(etcd.url)
+    when = dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)
+    first = await take.take(ctx, trigger="manual", now=when)
+    second = await take.take(ctx, trigger="manual", now=when)  # the clock stepped back to the same instant
+    assert first.ok and second.ok and first.entry and second.entry
+    assert first.entry.name == "etcd-20260101T120000.000Z.db" and second.entry.name == "etcd-20260101T120000.001Z.db"
+    assert snapshot_files(ctx) == [first.entry.name, second.entry.name]

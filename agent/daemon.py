@@ -315,6 +315,7 @@ async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
     metrics.AGENT.info({"version": sitestatus.AGENT_VERSION, "site": ctx.site})
     metrics.STARTED.set(runtime.started)
     metrics.refresh(ctx.store)
+    _emit_quietly(ctx, "agent.started", f"agent {sitestatus.AGENT_VERSION} started", data={"pid": os.getpid()})
     web = None
     if ctx.config.http.enabled:
         try:
@@ -329,9 +330,11 @@ async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
                 severity=protocol.Severity.WARNING,
             )
     pulse = asyncio.create_task(heartbeat(runtime), name="heartbeat")
+    for name, _ in TASKS:
+        runtime.tasks[name] = TaskState(name)
     tasks = [asyncio.create_task(supervise(name, func, runtime), name=name) for name, func in TASKS]
+    await asyncio.sleep(0)  # let every task start, so READY's status line counts them
     runtime.persist()
-    _emit_quietly(ctx, "agent.started", f"agent {sitestatus.AGENT_VERSION} started", data={"pid": os.getpid()})
     log.info("agent started", site=ctx.site, tasks=[name for name, _ in TASKS], http=runtime.http_address)
     sdnotify.ready(summary(runtime))
     try:

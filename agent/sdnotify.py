@@ -5,6 +5,8 @@ Why not a library: the protocol is a datagram of ``KEY=VALUE`` lines to the AF_U
 dependency. Without ``$NOTIFY_SOCKET`` (not started by systemd, or ``Type=simple``) every call is
 a cheap no-op, so the daemon calls these unconditionally. A failed send is logged by the caller's
 choice (the return value) and never raised: systemd being unreachable must not stop the agent.
+The socket is non-blocking: these calls run on the event loop, and a receiver whose queue is full
+(``net.unix.max_dgram_qlen``) must cost a dropped message, never a blocked loop.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ def notify(*fields: str) -> bool:
         return False
     message = "\n".join(f.replace("\n", " ") if f.startswith("STATUS=") else f for f in fields).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(address)
-            sock.sendall(message)
-    except OSError:
+            sock.send(message)
+    except OSError:  # includes BlockingIOError: a receiver that stopped reading must not block our loop
         return False
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,31 +46,44 @@ def agent_env(**extra: str) -> dict[str, str]:
 
 
 class NotifySocket:
-    """A real AF_UNIX datagram socket playing systemd's side of sd_notify."""
+    """A real AF_UNIX datagram socket playing systemd's side of sd_notify (read continuously, like PID 1)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
         self.messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def wait_for(self, key: str, value: str | None = None, *, timeout: float = 30.0) -> dict[str, str]:
-        """Receive until a message has ``key`` (with ``value``, if given); return that message."""
-        for message in self.messages:
-            if key in message and (value is None or message[key] == value):
-                return message
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+    def _read(self) -> None:
+        while not self._closed.is_set():
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
-                break
+                continue
+            except OSError:
+                return
             message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append(message)
-            if key in message and (value is None or message[key] == value):
-                return message
-        raise AssertionError(f"no sd_notify message with {key}={value} within {timeout}s; got {self.messages}")
+            with self._lock:
+                self.messages.append(message)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join(5)
+        self.sock.close()
+
+    def wait_for(self, key: str, value: str | None = None, *, timeout: float = 30.0) -> dict[str, str]:
+        """Wait until a message has ``key`` (with ``value``, if given); return the first such message."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                for message in self.messages:
+                    if key in message and (value is None or message[key] == value):
+                        return message
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no sd_notify message with {key}={value} within {timeout}s; got {self.messages}")
+            time.sleep(0.02)

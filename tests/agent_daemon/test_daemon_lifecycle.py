@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -48,6 +49,19 @@ def test_sdnotify_sends_datagrams(notify: NotifySocket, monkeypatch: pytest.Monk
 
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert sdnotify.notify("READY=1") is False  # not under systemd: a no-op
+
+
+def test_sdnotify_never_blocks_on_a_full_receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd not reading (queue full, net.unix.max_dgram_qlen) must drop pings, not block the loop."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf:  # bound, never read
+        deaf.bind(str(tmp_path / "deaf.sock"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "deaf.sock"))
+        results: list[bool] = []
+        sender = threading.Thread(target=lambda: results.extend(sdnotify.watchdog() for _ in range(2000)), daemon=True)
+        sender.start()
+        sender.join(20)
+        assert not sender.is_alive(), "sd_notify blocked on a full datagram queue"
+        assert results[0] is True and results.count(False) > 0
 
 
 def test_sdnotify_abstract_namespace(monkeypatch: pytest.MonkeyPatch) -> None:

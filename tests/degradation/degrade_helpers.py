@@ -65,25 +65,17 @@ PLATFORM = [
 ]
 
 
-def manifest(spec: Spec, policy: dict[int, Any]) -> dict[str, Any]:
-    labels = {
-        "app.kubernetes.io/managed-by": "edgefleet",
-        "edgefleet.io/component": spec.component or spec.name,
-        "edgefleet.io/layer": "2",
-        "edgefleet.io/tier": str(spec.tier),
-        "edgefleet.io/bundle": "test-1.0.0",
-    }
-    pod_labels = {"app": spec.name, "edgefleet.io/component": spec.component or spec.name,
-                  "edgefleet.io/tier": str(spec.tier)}  # fmt: skip
+def raw_manifest(spec: Spec) -> dict[str, Any]:
+    """The workload as upstream would ship it: no edgefleet labels, no tier placement."""
     obj: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": spec.kind,
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
+        "metadata": {"name": spec.name, "namespace": spec.namespace},
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": {"app": spec.name}},
             "template": {
-                "metadata": {"labels": pod_labels},
+                "metadata": {"labels": {"app": spec.name}},
                 "spec": {"containers": [{"name": "main", "image": f"example/{spec.name}:1",
                                          "resources": {"requests": {"cpu": spec.cpu, "memory": spec.memory}}}]},
             },  # fmt: skip
@@ -91,14 +83,38 @@ def manifest(spec: Spec, policy: dict[int, Any]) -> dict[str, Any]:
     }
     if spec.kind == "StatefulSet":
         obj["spec"]["serviceName"] = spec.name
+    return obj
+
+
+def manifest(spec: Spec, policy: dict[int, Any]) -> dict[str, Any]:
+    """What the installer applies: the contract's labels (object and pod template) + the tier placement."""
+    obj = raw_manifest(spec)
+    component = spec.component or spec.name
+    obj["metadata"]["labels"] = {
+        "app.kubernetes.io/managed-by": "edgefleet",
+        "edgefleet.io/component": component,
+        "edgefleet.io/layer": "2",
+        "edgefleet.io/tier": str(spec.tier),
+        "edgefleet.io/bundle": "test-1.0.0",
+    }
+    obj["spec"]["template"]["metadata"]["labels"].update(
+        {"edgefleet.io/component": component, "edgefleet.io/tier": str(spec.tier)}
+    )
     return placement.apply_tier_policy(obj, tier=spec.tier, policy=policy)
+
+
+def priority_classes() -> list[dict[str, Any]]:
+    return [
+        {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
+         "value": value, "globalDefault": False}
+        for name, value in PRIORITY_VALUES.items()
+    ]  # fmt: skip
 
 
 async def deploy_platform(api: Any, specs: list[Spec] = PLATFORM) -> None:
     policy = tier_policy()
-    for name, value in PRIORITY_VALUES.items():
-        await kube.apply(api, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                               "metadata": {"name": name}, "value": value, "globalDefault": False})  # fmt: skip
+    for pc in priority_classes():
+        await kube.apply(api, pc)
     for ns in sorted({s.namespace for s in specs}):
         await kube.apply(api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     for spec in specs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -172,3 +173,20 @@ async def test_unreachable_api_raises_kube_unavailable(tmp_path: Path) -> None:
     with pytest.raises(kube.KubeConfigError):
         async with kube.connect(tmp_path / "missing"):
             pass
+
+
+async def test_tls_server_is_verified_against_the_kubeconfig_ca(tmp_path: Path) -> None:
+    """A server whose certificate the kubeconfig's CA did not sign is refused (no silent trust)."""
+    from sim import certs
+
+    other_ca, _, _ = certs.generate(tmp_path / "other-pki")
+    async with sim_testing.running(nodes=["server-0"], tls=True, token="t0ken") as site:
+        doc = yaml.safe_load(site.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(other_ca.read_bytes()).decode()
+        wrong = tmp_path / "wrong-ca-kubeconfig"
+        wrong.write_text(yaml.safe_dump(doc))
+        async with kube.connect(wrong) as api:
+            with pytest.raises(kube.KubeUnavailable, match="(?i)certificate"):
+                await kube.ping(api)
+        async with kube.connect(site.kubeconfig) as api:  # the right CA still works
+            assert await kube.ping(api)

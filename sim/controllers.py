@@ -581,7 +581,8 @@ class Controllers:
         eligible_nodes = []
         for node in self.api.list(("", "nodes")):
             nname = node["metadata"]["name"]
-            if self.c.scheduler.daemon_eligible(template, node):
+            has_pod = any(is_active(p) for p in by_node.get(nname, []))
+            if self.c.scheduler.daemon_eligible(template, node, running=has_pod):
                 desired += 1
                 eligible_nodes.append(nname)
                 active = [p for p in by_node.get(nname, []) if is_active(p)]

@@ -103,9 +103,16 @@ class Scheduler:
         self.c = cluster
         self._messages: dict[str, str] = {}
 
-    def daemon_eligible(self, template: dict[str, Any], node: dict[str, Any]) -> bool:
+    def daemon_eligible(self, template: dict[str, Any], node: dict[str, Any], *, running: bool = False) -> bool:
+        """Should a daemon pod run on ``node``? A pod already there only has to tolerate NoExecute taints
+        (the DaemonSet controller's shouldContinueRunning), so unreachable nodes keep their daemon pods."""
         spec = template.get("spec") or {}
-        return node_affinity_ok(spec, node) and untolerated(spec, node) is None
+        if not node_affinity_ok(spec, node):
+            return False
+        taint = untolerated(spec, node)
+        return taint is None or (running and taint.get("effect") == "NoSchedule" and not any(
+            t.get("effect") == "NoExecute" and not any(tolerates(x, t) for x in spec.get("tolerations") or [])
+            for t in (node.get("spec") or {}).get("taints") or []))
 
     def _usage(self, pods: list[dict[str, Any]]) -> dict[str, list[float]]:
         used: dict[str, list[float]] = {}
@@ -220,11 +227,31 @@ class Scheduler:
                    and not (p.get("spec") or {}).get("schedulingGates")]
         pending.sort(key=lambda p: (-int((p.get("spec") or {}).get("priority", 0)),
                                     p["metadata"].get("creationTimestamp", "")))
+        # Pods nominated by preemption reserve their node against pods of lower or equal priority, so the
+        # capacity freed for them is not taken by someone else meanwhile (as kube-scheduler does).
+        nominated: dict[str, list[tuple[int, float, float, str]]] = {}
+        for p in pending:
+            nn = (p.get("status") or {}).get("nominatedNodeName")
+            if nn:
+                cpu, mem = pod_requests(p.get("spec") or {})
+                nominated.setdefault(nn, []).append((int(p["spec"].get("priority", 0)), cpu, mem,
+                                                     p["metadata"].get("uid", "")))
         for pod in pending:
             reasons: Counter[str] = Counter()
-            feasible = [n for n in nodes.values() if self._filter(pod, n, used, pods, nodes, reasons)]
+            prio = int((pod.get("spec") or {}).get("priority", 0))
+            view = used
+            if nominated:
+                view = {k: list(v) for k, v in used.items()}
+                for nn, entries in nominated.items():
+                    u = view.setdefault(nn, [0.0, 0.0, 0.0])
+                    for eprio, cpu, mem, uid in entries:
+                        if eprio >= prio and uid != pod["metadata"].get("uid"):
+                            u[0] += cpu
+                            u[1] += mem
+                            u[2] += 1
+            feasible = [n for n in nodes.values() if self._filter(pod, n, view, pods, nodes, reasons)]
             if feasible:
-                best = min(feasible, key=lambda n: self._score(pod, n, used, pods, nodes))
+                best = min(feasible, key=lambda n: self._score(pod, n, view, pods, nodes))
                 name = best["metadata"]["name"]
                 self._bind(pod, name)
                 cpu, mem = pod_requests(pod.get("spec") or {})
@@ -233,16 +260,18 @@ class Scheduler:
                 u[1] += mem
                 u[2] += 1
                 pod["spec"] = dict(pod.get("spec") or {}, nodeName=name)
+                for entries in nominated.values():
+                    entries[:] = [e for e in entries if e[3] != pod["metadata"].get("uid")]
                 continue
-            nominated = self._preempt(pod, nodes, used, pods)
+            nominee = self._preempt(pod, nodes, used, pods)
             msg = f"0/{len(nodes)} nodes are available: " + ", ".join(
                 f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda x: x[0])) + "."
-            if nominated:
-                msg += f" preemption: nominated node {nominated}."
+            if nominee:
+                msg += f" preemption: nominated node {nominee}."
             else:
                 msg += " preemption: 0/{0} nodes are available: {0} Preemption is not helpful for " \
                        "scheduling.".format(len(nodes))
-            self._unschedulable(pod, msg, nominated)
+            self._unschedulable(pod, msg, nominee)
 
     def _score(self, pod: dict[str, Any], node: dict[str, Any], used: dict[str, list[float]],
                pods: list[dict[str, Any]], nodes: dict[str, dict[str, Any]]) -> tuple[float, float, str]:

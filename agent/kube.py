@@ -89,6 +89,7 @@ _lazy_package("kubernetes_asyncio.client")
 _lazy_package("kubernetes_asyncio.client.models")
 
 import aiohttp  # noqa: E402
+import yaml  # noqa: E402
 from kubernetes_asyncio.client import api_client as _api_client  # noqa: E402
 from kubernetes_asyncio.client import configuration as _configuration  # noqa: E402
 from kubernetes_asyncio.client import exceptions as _exceptions  # noqa: E402
@@ -199,6 +200,10 @@ async def load_configuration(kubeconfig: Path | None) -> Any:
         )
     except ConfigException as exc:
         raise KubeConfigError(f"kubeconfig {kubeconfig}: {exc}") from None
+    except OSError as exc:  # e.g. not readable by the agent's user: name the file and the reason
+        raise KubeConfigError(f"kubeconfig {exc.filename or kubeconfig}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError) as exc:  # malformed file
+        raise KubeConfigError(f"kubeconfig {kubeconfig}: malformed: {type(exc).__name__}: {exc}"[:500]) from None
     return configuration
 
 

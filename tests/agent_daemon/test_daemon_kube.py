@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ def test_agent_import_keeps_generated_client_unloaded() -> None:
         m for m in doc["mods"] if m.startswith(("kubernetes_asyncio.client.api.", "kubernetes_asyncio.client.models."))
     ]
     assert len(doc["mods"]) < 30, doc["mods"]
+
+
+def test_agent_modules_import_kubernetes_asyncio_only_through_agent_kube() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "agent").rglob("*.py")
+        if path.name != "kube.py" and re.search(r"^\s*(from|import)\s+kubernetes_asyncio", path.read_text(), re.M)
+    ]
+    assert not offenders, f"import kubernetes-asyncio via agent.kube (docs/operations.md, Memory): {offenders}"
 
 
 def test_lazy_packages_still_serve_code_that_wants_the_full_client() -> None:
@@ -173,6 +183,12 @@ async def test_unreachable_api_raises_kube_unavailable(tmp_path: Path) -> None:
     with pytest.raises(kube.KubeConfigError):
         async with kube.connect(tmp_path / "missing"):
             pass
+    garbage = tmp_path / "garbage"
+    for text in ("{not: [yaml", "just a string", "apiVersion: v1\nkind: Config\nclusters: 7\n"):
+        garbage.write_text(text)
+        with pytest.raises(kube.KubeConfigError, match="kubeconfig"):
+            async with kube.connect(garbage):
+                pass
 
 
 async def test_tls_server_is_verified_against_the_kubeconfig_ca(tmp_path: Path) -> None:

@@ -35,9 +35,11 @@ class MqttConfig(_Section):
     #: Client identifier; a stable one per replica lets the broker keep the session (and the
     #: unacknowledged messages) across a restart of that replica. Default: edgefleet-hub-<hostname>.
     client_id: str | None = None
-    #: MQTT shared subscriptions (``$share/<group>/...``): several replicas split the stream.
-    #: Turn off for brokers without them (amqtt); then run a single replica.
-    shared_subscriptions: bool = True
+    #: MQTT shared subscriptions (``$share/<group>/...``) so several replicas split the stream. Off by
+    #: default: a single hub is better served by a plain subscription in a persistent session, which
+    #: Mosquitto restores after a broker restart (it does not restore shared ones; see docs/hub.md).
+    #: Needs MQTT 5 and a broker that has them (not amqtt).
+    shared_subscriptions: bool = False
     shared_group: str = Field(default="edgefleet-hub", pattern=r"^[A-Za-z0-9_.-]+$")
     #: How many unacknowledged messages the broker may send us at once (MQTT 5 Receive Maximum).
     #: Messages are acknowledged only after they are committed to the store, so this bounds memory.

@@ -48,6 +48,7 @@ class Broker:
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o777)  # mosquitto started as root drops to its own user; it must write here
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
@@ -58,11 +59,14 @@ class Broker:
             f"log_dest file {self.workdir}/mosquitto.log",
         ]
         conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(self.workdir / "mosquitto.log").read_text(errors="replace")[-500:]}")
+                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-500:]
+                raise RuntimeError(f"mosquitto exited: {log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return

@@ -12,7 +12,7 @@ from hub import service
 
 
 async def test_bad_messages_are_counted_and_ingest_keeps_going(broker: Broker, db_url: str, tmp_path: Path) -> None:
-    cfg = hub_cfg(broker=broker, db_url=db_url, tmp=tmp_path, mqtt={"shared_subscriptions": False})
+    cfg = hub_cfg(broker=broker, db_url=db_url, tmp=tmp_path)
     async with service.running(cfg, serve_api=False) as hub:
         await wait_until(hub.ingest.subscribed.is_set, what="subscription")
         reg = hub.ctx.metrics.registry

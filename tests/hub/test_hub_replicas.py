@@ -54,7 +54,13 @@ async def test_two_replicas_store_once_and_survive_a_kill(broker: Broker, pg_url
     replicas = [
         HubProcess(
             workdir=tmp_path / name,
-            config=hub_process_config(broker=broker, db_url=pg_url, client_id=name, replica_takeover_seconds=3),
+            config=hub_process_config(
+                broker=broker,
+                db_url=pg_url,
+                client_id=name,
+                replica_takeover_seconds=3,
+                mqtt={"shared_subscriptions": True},
+            ),
         )
         for name in ("hub-r1", "hub-r2")
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,8 @@ async def etcd(tmp_path: Path) -> AsyncIterator[devetcd.Node]:
         yield node
 
 
-MakeCtx = Callable[..., AgentContext]
-
-
 @pytest.fixture
-def make_ctx(tmp_path: Path) -> Iterator[MakeCtx]:
+def make_ctx(tmp_path: Path) -> Iterator[Callable[..., AgentContext]]:
     stores: list[StateStore] = []
 
     def make(endpoint: str, **snapshot: Any) -> AgentContext:
@@ -43,34 +39,3 @@ def make_ctx(tmp_path: Path) -> Iterator[MakeCtx]:
     yield make
     for store in stores:
         store.close()
-
-
-def events(ctx: AgentContext, prefix: str = "snapshot.") -> list[dict[str, Any]]:
-    rows = outbox.pending(ctx.store, limit=10_000)
-    docs = [json.loads(r.payload) for r in rows if r.channel.value == "events"]
-    return [d for d in docs if d["type"].startswith(prefix)]
-
-
-def snapshot_files(ctx: AgentContext) -> list[str]:
-    return sorted(p.name for p in ctx.config.snapshot_dir.iterdir() if not p.name.startswith("."))
-
-
-async def put_keys(node: devetcd.Node, count: int, *, prefix: str = "/registry/test/") -> None:
-    for i in range(count):
-        await node.ctl("put", f"{prefix}{i:04d}", f"value-{i}")
-
-
-def put_random(node: devetcd.Node, megabytes: int) -> None:
-    """Incompressible bulk data through etcd's JSON gateway (one 1 MB value per key)."""
-    import base64
-    import os
-    import urllib.request
-
-    for i in range(megabytes):
-        body = json.dumps(
-            {
-                "key": base64.b64encode(f"/bulk/{i}".encode()).decode(),
-                "value": base64.b64encode(os.urandom(1 << 20)).decode(),
-            }
-        ).encode()
-        urllib.request.urlopen(urllib.request.Request(f"{node.url}/v3/kv/put", data=body), timeout=30).read()

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import MakeCtx, put_keys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from snapshot_helpers import MakeCtx, put_keys
 
 from agent import exitcodes
 from agent.snapshots import backends, devetcd, take

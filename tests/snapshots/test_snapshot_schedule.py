@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MakeCtx, events
+from snapshot_helpers import MakeCtx, events
 
 from agent import sitestatus
 from agent.context import AgentContext

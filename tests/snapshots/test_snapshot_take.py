@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import MakeCtx, events, put_keys, put_random, snapshot_files
+from snapshot_helpers import MakeCtx, events, put_keys, put_random, snapshot_files
 
 from agent import sitestatus
 from agent.snapshots import binaries, catalog, devetcd, take, verify

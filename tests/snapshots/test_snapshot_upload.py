@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import MakeCtx, events, put_keys, put_random
 from fastapi import FastAPI
+from snapshot_helpers import MakeCtx, events, put_keys, put_random
 
 from agent.snapshots import catalog, devetcd, take, task, upload
 from hub import snapshot_upload

@@ -6,7 +6,8 @@ build the :class:`~agent.context.AgentContext` → start the local HTTP endpoint
 
 Why supervised tasks rather than one loop: the installer, the degradation controller, the
 snapshot scheduler and the link fail independently (an API outage, a full disk, a broker gone).
-A task that raises is logged, reported as an ``agent.task-crashed`` event, counted in
+A task that raises is logged, reported as an ``agent.task-crashed`` event (repeats of the same
+error at exponentially spaced restarts only, see :func:`should_report`), counted in
 ``edgefleet_agent_task_restarts_total`` and restarted after an exponential, jittered, capped
 backoff; the other tasks carry on. A task that *returns* is finished (e.g. a disabled feature)
 and is not restarted. Only a crash of the daemon's own machinery takes the process down, and
@@ -182,6 +183,14 @@ def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.R
     return min(maximum, base * jitter)
 
 
+def should_report(restarts: int, *, error: str, last_reported: str | None) -> bool:
+    """Whether crash number ``restarts`` becomes an event: a new error always, the same one at
+    restarts 1, 2, 4, 8, … only. A task crash-looping on the same cause for a month of outage
+    would otherwise queue ~40 000 identical error events and push real ones out of the bounded
+    outbox; the log and ``edgefleet_agent_task_restarts_total`` still see every crash."""
+    return error != last_reported or restarts & (restarts - 1) == 0
+
+
 async def supervise(name: str, func: Task, runtime: Runtime) -> None:
     """Run ``func(ctx)``; restart it with backoff when it raises, until cancelled."""
     ctx = runtime.ctx
@@ -189,6 +198,7 @@ async def supervise(name: str, func: Task, runtime: Runtime) -> None:
     state = runtime.tasks.setdefault(name, TaskState(name))
     loop = asyncio.get_running_loop()
     attempt = 0
+    reported_error: str | None = None
     while True:
         started = loop.time()
         state.up, state.next_start = True, None
@@ -216,15 +226,19 @@ async def supervise(name: str, func: Task, runtime: Runtime) -> None:
             metrics.TASK_RESTARTS.labels(name).inc()
             log.error("task crashed", task=name, restart_in=round(delay, 2), restarts=state.restarts, exc_info=exc)
             runtime.persist()
-            try:
-                ctx.emit(
-                    "agent.task-crashed",
-                    f"task {name} crashed ({state.last_error}); restarting in {delay:.1f}s",
-                    severity=protocol.Severity.ERROR,
-                    data={"task": name, "error": state.last_error, "restarts": state.restarts, "restart_in": delay},
-                )
-            except Exception as emit_error:  # e.g. disk full: the restart matters more than the report
-                log.warning("could not record task crash event", task=name, error=str(emit_error))
+            if should_report(state.restarts, error=state.last_error, last_reported=reported_error):
+                reported_error = state.last_error
+                try:
+                    ctx.emit(
+                        "agent.task-crashed",
+                        f"task {name} crashed ({state.last_error}); restart #{state.restarts} in {delay:.1f}s",
+                        severity=protocol.Severity.ERROR,
+                        data={
+                            "task": name, "error": state.last_error, "restarts": state.restarts, "restart_in": delay,
+                        },
+                    )
+                except Exception as emit_error:  # e.g. disk full: the restart matters more than the report
+                    log.warning("could not record task crash event", task=name, error=str(emit_error))
             await asyncio.sleep(delay)
         else:
             state.up, state.finished = False, True

@@ -43,7 +43,7 @@ import structlog
 
 from agent import exitcodes, images, kube, metrics, protocol, sitestatus
 from agent.context import AgentContext
-from agent.install import apply, gates, inventory, journal, model, render, source
+from agent.install import apply, cache, gates, inventory, journal, model, render, source
 from agent.state import StateStore
 
 log = structlog.get_logger("edgefleet.install")
@@ -62,14 +62,15 @@ class InstallFailed(Exception):
 _specs: dict[str, model.Spec] = {}
 
 
-def spec_for(ctx: AgentContext, rec: journal.BundleRecord) -> model.Spec:
-    """The rendered spec of a stored bundle (cached: the current and the target, at most)."""
+async def spec_for(ctx: AgentContext, rec: journal.BundleRecord) -> model.Spec:
+    """The rendered spec of a stored bundle (in memory: the current and the target, at most).
+
+    Rendering happens once per bundle, in a child process (see :mod:`agent.install.cache`).
+    """
     spec = _specs.get(rec.bundle_id)
     if spec is None:
-        spec = source.load_spec(
-            manifest_json=rec.manifest, bundle_id=rec.bundle_id, path=rec.path,
-            default_timeout=ctx.config.install.default_gate_timeout_seconds,
-        )
+        spec = await cache.ensure(Path(rec.path), cache.cache_dir(ctx.config.state_dir, rec.bundle_id),
+                                  default_timeout=ctx.config.install.default_gate_timeout_seconds)
         while len(_specs) >= 2:
             _specs.pop(next(iter(_specs)))
         _specs[rec.bundle_id] = spec
@@ -381,8 +382,8 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
     try:
         if rec is None or not _staged(rec):
             raise InstallFailed(f"bundle {run.bundle} is no longer in the store")
-        spec = spec_for(ctx, rec)
-    except (InstallFailed, source.SpecError, ValueError, OSError) as exc:
+        spec = await spec_for(ctx, rec)
+    except (InstallFailed, cache.RenderError, ValueError, OSError) as exc:
         error = f"cannot plan {run.bundle}: {exc}"
         if not started:
             with store.transaction():
@@ -410,7 +411,7 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
             ctx.emit("install.resumed", f"resuming {run.bundle} at {runner.run.position or 'start'}",
                      data={"bundle": run.bundle, "position": runner.run.position, "resumes": runner.run.resumes})
     prev_rec = journal.get_bundle(store, runner.run.previous_id)
-    prev = spec_for(ctx, prev_rec) if prev_rec is not None and _staged(prev_rec) else None
+    prev = await spec_for(ctx, prev_rec) if prev_rec is not None and _staged(prev_rec) else None
     # Re-installing the current bundle: nothing to prune; going back means re-applying it.
     same = prev is not None and spec is not None and prev.bundle_id == spec.bundle_id
     if runner.run.state in journal.FORWARD_STATES and spec is not None:
@@ -453,6 +454,7 @@ def gc(ctx: AgentContext) -> None:
         if rec.bundle_id in keep:
             continue
         shutil.rmtree(rec.path, ignore_errors=True)
+        shutil.rmtree(cache.cache_dir(ctx.config.state_dir, rec.bundle_id), ignore_errors=True)
         journal.forget_bundle(store, rec.bundle_id)
         _specs.pop(rec.bundle_id, None)
 

@@ -93,7 +93,7 @@ class Supervisor:
         cur = journal.current(self.ctx.store)
         if cur is None:
             return
-        spec = installer.spec_for(self.ctx, cur)
+        spec = await installer.spec_for(self.ctx, cur)
         repair = now >= self.next_drift
         if repair:
             await self.repair(spec)

@@ -56,6 +56,13 @@ def load_spec(*, manifest_json: str, bundle_id: str, path: str, default_timeout:
     return spec
 
 
+def declared_timeouts(manifest_json: str) -> dict[str, float | None]:
+    """component → the largest declared check timeout, or None (the config's default applies)."""
+    manifest = parse_manifest(manifest_json.encode())
+    return {c.name: float(max(h.timeout_seconds for h in c.health_checks)) if c.health_checks else None
+            for c in manifest.components}
+
+
 def skipped(manifest_json: str) -> list[dict[str, Any]]:
     manifest = parse_manifest(manifest_json.encode())
     return [{"name": c.name, "needs": list(c.needs)} for c in manifest.components if not c.rendered or not c.files]

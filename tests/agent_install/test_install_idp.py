@@ -53,7 +53,7 @@ async def test_full_bundle_fresh_install(idp_bundle: tuple[Path, Keys], tmp_path
             assert status["healthy"], [c for c in status["components"] if not c["healthy"]]
             assert {s["name"] for s in status["skipped"]} == {c.name for c in manifest.components
                                                              if not (c.rendered and c.files)}
-            spec = installer.spec_for(ctx, rec)
+            spec = await installer.spec_for(ctx, rec)
             kinds = {k for u in spec.units for k in u.kinds}
             live = await managed(api, kinds)
             assert set(live) == set(spec.refs())

@@ -19,7 +19,7 @@ from install_kit import agent, context, managed, site_bad, site_v1, site_v2, sta
 from agent import installer, intake
 
 VERSIONS = {"1.0.0": site_v1(), "2.0.0": site_v2(), "3.0.0": site_bad()}
-FAST = {"apply:app-a#2", "prune@done", "rollback:remove"}
+FAST = {"apply:app-a#2", "rollback:remove"}
 
 INSTALL_POINTS = [
     "prepare", "prepare@done", "apply:base", "apply:base#1", "apply:crds@done", "gate:crds", "apply:app-a#2",

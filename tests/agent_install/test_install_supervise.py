@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from install_kit import context, events, managed, site_v1, wait_for, which_bundle
 
@@ -28,7 +29,7 @@ async def test_drift_restores_deleted_and_modified_objects(
     site_config: Path, api: Any, bundles: dict[str, Path]
 ) -> None:
     ctx = await _installed(site_config, api, bundles["1.0.0"])
-    spec = installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    spec = await installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
     sup = drift.Supervisor(ctx, api)
     assert await sup.repair(spec) == []  # nothing drifted yet
     await kube.delete(api, "apps/v1", "Deployment", "web", namespace="demo-a")
@@ -65,7 +66,7 @@ async def test_degraded_workload_keeps_its_replicas(site_config: Path, api: Any,
     await kube.patch(api, "apps/v1", "Deployment", "web",
                      {"metadata": {"annotations": {model.ANNOTATION_ORIGINAL_REPLICAS: "2"}}, "spec": {"replicas": 0}},
                      namespace="demo-a", field_manager="edgefleet-degradation")
-    spec = installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    spec = await installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
     sup = drift.Supervisor(ctx, api)
     await sup.repair(spec)
     web = await kube.get(api, "apps/v1", "Deployment", "web", namespace="demo-a")
@@ -119,6 +120,7 @@ class Proxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
+@pytest.mark.slow
 async def test_agent_survives_api_outage(
     site: Any, site_config: Path, api: Any, bundles: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ It is unauthenticated and must stay on 127.0.0.1 (the default).
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def _app(runtime: Runtime) -> web.Application:
     return app
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def start(runtime: Runtime) -> Server:
     """Bind and serve; port 0 picks a free port (the bound address is in the result)."""
     settings = runtime.ctx.config.http
@@ -114,4 +122,6 @@ async def start(runtime: Runtime) -> Server:
     addresses = runner.addresses
     host, port = addresses[0][:2] if addresses else (settings.host, settings.port)
     log.info("http listening", host=host, port=port)
+    if not _is_loopback(str(host)):
+        log.warning("http endpoint reachable beyond loopback; it is unauthenticated", host=host, port=port)
     return Server(runner=runner, address=(str(host), int(port)))

@@ -250,10 +250,15 @@ async def request(
     body: Any = None,
     content_type: str | None = None,
     timeout: float = REQUEST_TIMEOUT_SECONDS,
+    accept: str = "application/json",
 ) -> Any:
-    """One API request through the client's own auth and transport; returns the decoded JSON (or None)."""
+    """One API request through the client's own auth and transport; returns the decoded JSON (or None).
+
+    ``accept`` lets a caller ask for a server-side representation such as a metadata-only
+    ``Table`` (the installer's drift check lists resourceVersions that way).
+    """
     global last_contact
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": accept}
     if content_type:
         headers["Content-Type"] = content_type
     query_params = [(k, v) for k, v in (query or {}).items() if v is not None]

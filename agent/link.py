@@ -167,8 +167,7 @@ async def _status_loop(ctx: AgentContext) -> None:
             outbox.stats(ctx.store)
         except Exception:  # a bad kv entry must not stop status reporting for good
             log.exception("could not build the site status")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ctx.report_now.wait(), timeout=interval)
+        await _wait(ctx.report_now, interval)
 
 
 async def _connection_loop(ctx: AgentContext, running: set[asyncio.Task[Any]]) -> None:
@@ -216,10 +215,21 @@ async def _session(
         # Shutting down: a clean DISCONNECT suppresses the will, so say offline ourselves.
         try:
             offline = protocol.Online(site=ctx.site, seq=outbox.next_seq(ctx.store), online=False)
-            await asyncio.wait_for(client.publish(online, offline.to_bytes(), qos=1, retain=True), timeout=2)
+            async with asyncio.timeout(2):
+                await client.publish(online, offline.to_bytes(), qos=1, retain=True)
         except (aiomqtt.MqttError, TimeoutError):
             pass
         raise
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that races with the
+    event being set (gh-86296), which left the drain loop running forever on shutdown."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 async def _first_failure(*coros: Awaitable[None]) -> None:
@@ -266,8 +276,7 @@ async def _drain(ctx: AgentContext, client: aiomqtt.Client, *, bucket: TokenBuck
                 while inflight:
                     await settle_oldest()
                 if not outbox.pending(ctx.store, limit=1, after=cursor):
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout=POLL_SECONDS)
+                    await _wait(wake, POLL_SECONDS)
                 continue
             for row in rows:
                 cursor = row.id

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "mosquitto"
 MOSQUITTO = "/usr/sbin/mosquitto"
 HUB = "hub-1.edgefleet"
+#: A second hub identity: the broker forces client id = CN, so two connections need two CNs.
+HUB2 = "hub-2.edgefleet"
 SITES = ("site-a", "site-b")
 
 
@@ -61,7 +63,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     fleetca.init_ca(base / "ca")
     broker = fleetca.issue(base / "ca", cn="broker", kind="broker", sans=("127.0.0.1", "localhost"),
                            out_dir=base / "broker")
-    clients = {HUB: fleetca.issue(base / "ca", cn=HUB, kind="hub", out_dir=base / "hub")}
+    clients = {hub: fleetca.issue(base / "ca", cn=hub, kind="hub", out_dir=base / hub) for hub in (HUB, HUB2)}
     for site in (*SITES, "site-c"):
         clients[site] = fleetca.issue(base / "ca", cn=site, kind="site", out_dir=base / site)
     return PKI(dir=base, ca=base / "ca" / "ca.crt", broker=broker, clients=clients)
@@ -219,6 +221,7 @@ class Collector:
 
     received: list[tuple[str, protocol.Message]] = field(default_factory=list)
     raw: list[tuple[str, bytes]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def events(self) -> list[protocol.Event]:
@@ -234,7 +237,7 @@ class Collector:
         deadline = time.monotonic() + timeout
         while not predicate(self):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; received {len(self.received)} messages")
+                raise AssertionError(f"timed out; received {len(self.received)} messages; errors {self.errors}")
             await asyncio.sleep(0.05)
 
 
@@ -249,9 +252,12 @@ async def collect(broker: Broker, collector: Collector, *, topic: str = f"{proto
                 async for message in client.messages:
                     payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
                     collector.raw.append((str(message.topic), payload))
-                    collector.received.append(
-                        (str(message.topic), protocol.parse_site_message(str(message.topic), payload))
-                    )
+                    try:
+                        parsed = protocol.parse_site_message(str(message.topic), payload)
+                    except protocol.ProtocolError as exc:
+                        collector.errors.append(f"{message.topic}: {exc}")
+                        continue
+                    collector.received.append((str(message.topic), parsed))
         except aiomqtt.MqttError:
             await asyncio.sleep(0.1)
 

@@ -45,12 +45,14 @@ from pydantic_settings import SettingsError
 
 from agent import config as agent_config
 from agent import (
+    commands,
     degrade,
     exitcodes,
     httpd,
     installer,
     intake,
     kube,
+    link,
     logs,
     metrics,
     outbox,
@@ -108,6 +110,7 @@ async def kube_probe(ctx: AgentContext) -> None:
 #: Modules add their ``setup(store)`` here.
 MIGRATIONS: list[Callable[[StateStore], None]] = [
     outbox.setup,
+    commands.setup,
     snapshots.setup,
     install_journal.setup,
     degrade.setup,
@@ -121,6 +124,7 @@ TASKS: list[tuple[str, Task]] = [
     ("installer", installer.run),
     ("intake", intake.run),
     ("degradation", degrade.run),
+    ("link", link.run),
 ]
 
 

@@ -214,7 +214,10 @@ def test_idp_blueprint_argocd_deployments(platform: Path) -> None:
     """The real Argo CD manifests: every workload conforms after the policy, nothing else changes."""
     docs = [
         d
-        for d in yaml.safe_load_all((platform / "mirror/argo-cd/v3.1.8/manifests/install.yaml").read_text())
+        for d in yaml.load_all(
+            (platform / "mirror/argo-cd/v3.1.8/manifests/install.yaml").read_text(),
+            Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),
+        )
         if isinstance(d, dict)
     ]
     workloads = 0

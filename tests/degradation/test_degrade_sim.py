@@ -217,10 +217,9 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("evict", [False])
-async def test_without_pod_eviction_kubernetes_timing_applies(tmp_path: Path, evict: bool) -> None:
+async def test_without_pod_eviction_kubernetes_timing_applies(tmp_path: Path) -> None:
     """With ``evict_lost_pods`` off, tier 2 on a dead node waits for Kubernetes' own eviction."""
-    async with scenario(tmp_path, evict_lost_pods=evict) as (site, api, ctx):
+    async with scenario(tmp_path, evict_lost_pods=False) as (site, api, ctx):
         await site.fail_node("agent-0")
         await site.fail_node("agent-1")
         await h.eventually(lambda: _state_is(ctx, "red"), timeout=10, what="red")

@@ -11,6 +11,7 @@ thing, and a restarted agent reports what it knew before the restart:
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from agent import outbox, protocol
@@ -36,9 +37,23 @@ def parts(store: StateStore) -> dict[str, Any]:
     }
 
 
+def _fresh_snapshot(value: Any, *, now: datetime) -> Any:
+    """Recompute the snapshot age at send time: the stored age is only as fresh as its last write."""
+    if not isinstance(value, dict) or not value.get("last_success"):
+        return value
+    try:
+        last = datetime.fromisoformat(str(value["last_success"]).replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    return {**value, "age_seconds": max(0.0, (now - last).total_seconds())}
+
+
 def build(store: StateStore, *, site: str, interval_seconds: float, seq: int | None = None) -> protocol.Status:
     p = parts(store)
     install, degradation = p["install"], p["degradation"]
+    snapshot = _fresh_snapshot(p["snapshot"], now=protocol.now())
     return protocol.Status(
         site=site,
         seq=outbox.next_seq(store) if seq is None else seq,
@@ -49,7 +64,7 @@ def build(store: StateStore, *, site: str, interval_seconds: float, seq: int | N
         components=install.get("components", []),
         nodes=degradation.get("nodes", []),
         scaled_down=degradation.get("scaled_down", []),
-        snapshot=p["snapshot"],
+        snapshot=snapshot,
         agent_version=AGENT_VERSION,
         interval_seconds=interval_seconds,
     )

@@ -35,3 +35,17 @@ def test_events_survive_reopen_in_order(tmp_path: Path) -> None:
     rows = outbox.pending(store)
     assert [r.seq for r in rows] == sorted(r.seq for r in rows) and len(rows) == 5
     assert all(r.channel is protocol.Channel.EVENTS for r in rows)
+
+
+def test_status_recomputes_snapshot_age_at_send_time(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from agent import sitestatus
+
+    store = StateStore.open(tmp_path)
+    outbox.setup(store)
+    last = protocol.now() - timedelta(hours=7)
+    store.put(sitestatus.SNAPSHOT_KEY, {"last_success": last.isoformat(), "age_seconds": 5.0})
+    status = sitestatus.build(store, site="s1", interval_seconds=30)
+    assert status.snapshot is not None and status.snapshot.age_seconds is not None
+    assert 7 * 3600 - 5 < status.snapshot.age_seconds < 7 * 3600 + 60

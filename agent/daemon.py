@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import os
 import random
 import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,15 +308,43 @@ async def heartbeat(runtime: Runtime) -> None:
 async def serve(config: agent_config.AgentConfig, *, stop: asyncio.Event | None = None) -> int:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
     kube.last_contact = None  # this daemon's contact, not an earlier one's in the same process (tests)
-    store = StateStore.open(config.state_dir)
+    with _single_instance(config.state_dir):
+        store = StateStore.open(config.state_dir)
+        try:
+            for migrate in MIGRATIONS:
+                migrate(store)
+            ctx = AgentContext(config=config, store=store)
+            runtime = Runtime(ctx=ctx)
+            return await _run(runtime, stop or asyncio.Event())
+        finally:
+            store.close()
+
+
+class AlreadyRunning(Exception):
+    """Another daemon holds this state directory."""
+
+
+@contextmanager
+def _single_instance(state_dir: Path) -> Iterator[None]:
+    """Hold ``<state_dir>/daemon.lock`` (flock) for the daemon's lifetime.
+
+    Two daemons on one state directory (a hand-started ``run`` beside the service) would both
+    degrade, snapshot and publish; the second one refuses to start instead. The kernel drops the
+    lock when the process dies, however it dies, so a stale lock cannot block a restart.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
-        for migrate in MIGRATIONS:
-            migrate(store)
-        ctx = AgentContext(config=config, store=store)
-        runtime = Runtime(ctx=ctx)
-        return await _run(runtime, stop or asyncio.Event())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise AlreadyRunning(f"another agent (pid {holder}) is running on {state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
     finally:
-        store.close()
+        os.close(fd)
 
 
 def _emit_quietly(ctx: AgentContext, type: str, summary: str, **kwargs: Any) -> None:
@@ -396,6 +426,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return exitcodes.CONFIG
     try:
         return run(config)
+    except AlreadyRunning as exc:
+        print(f"edgefleet-agent: {exc}", file=sys.stderr)
+        return exitcodes.UNAVAILABLE
     except sqlite3.Error as exc:
         print(f"edgefleet-agent: state store {config.state_dir}: {exc}", file=sys.stderr)
         return exitcodes.INTERNAL

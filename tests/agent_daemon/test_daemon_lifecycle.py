@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import AGENT, NotifySocket, agent_env, write_config
 
-from agent import daemon, sdnotify
+from agent import daemon, exitcodes, sdnotify
 from agent.state import StateStore
 
 
@@ -116,6 +116,13 @@ def test_run_notifies_serves_and_drains_on_sigterm(tmp_path: Path, notify: Notif
         doc = json.loads(status.stdout)
         assert doc["daemon"]["running"] is True and doc["daemon"]["pid"] == proc.pid
         assert doc["daemon"]["tasks"]["kube-probe"]["up"] is True
+
+        second = subprocess.run(
+            [*AGENT, "--config", str(config), "run"], capture_output=True, text=True, timeout=60, env=agent_env()
+        )
+        assert second.returncode == exitcodes.UNAVAILABLE
+        expected = f"edgefleet-agent: another agent (pid {proc.pid}) is running on {tmp_path / 'state'}"
+        assert second.stderr.strip() == expected
 
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

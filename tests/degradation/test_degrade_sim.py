@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import degrade_helpers as h
 import pytest
+import yaml
+from prometheus_client import REGISTRY
 
 import sim.testing
-from agent import degrade, kube, sitestatus
+from agent import degrade, kube, metrics, sitestatus
 from agent.context import AgentContext
 from agent.degrade import records
 from agent.degrade.model import ORIGINAL_REPLICAS_ANNOTATION
@@ -112,6 +116,19 @@ async def test_one_worker_fails_yellow_tier4_shrinks_tiers_2_3_run(tmp_path: Pat
             lambda: _no_pending(api), timeout=10, what="every remaining pod scheduled after the scale-down"
         )
         assert _transitions(ctx) == [("green", "yellow")]
+
+        # Visibility: /metrics (derived from the persisted state) and `edgefleet-agent status` (another process).
+        metrics.refresh(ctx.store)
+        assert REGISTRY.get_sample_value("edgefleet_agent_site_state", {"state": "yellow"}) == 1
+        assert REGISTRY.get_sample_value("edgefleet_agent_scaled_down_workloads") == len(journal)
+        config = tmp_path / "agent.yaml"
+        config.write_text(yaml.safe_dump({"site_id": "site-a", "state_dir": str(tmp_path / "state")}))
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(config), "status"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "yellow" in out.stdout and "agent-1" in out.stdout
+        for record in journal.values():
+            assert f"{record.namespace}/{record.name} tier 4: {record.target}/{record.original} replicas" in out.stdout
 
 
 async def _no_pending(api: Any) -> bool:

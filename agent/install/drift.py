@@ -4,13 +4,16 @@ Health (every ``install.health_interval_seconds``): one label-selected LIST per 
 (Deployments, StatefulSets, DaemonSets, Jobs, CRDs), the gates' checks evaluated against it,
 plus a GET per declared check on other kinds. Results go to ``site.install`` and metrics.
 
-Drift (every ``install.drift_interval_seconds``): one LIST per kind the bundle has; an object
-that is missing, or whose live state no longer contains what the bundle sets (labels, spec,
-data ...: "desired ⊆ live", so server defaults and other managers' fields are not drift), is
-server-side applied again and reported as a ``drift.repaired`` event. Some values come back
-normalised by the API server (``cpu: 0.5`` → ``500m``); when an object still "differs" right
-after a repair, its resourceVersion is remembered and it is not repaired again until it
-changes, so normalisation never turns into an apply loop.
+Drift (every ``install.drift_interval_seconds``): per component and kind, a metadata-only LIST
+(a server-side ``Table`` with ``includeObject=Metadata``: names and resourceVersions, not the
+objects). An object whose resourceVersion is the one we last verified has not changed and is
+skipped without reading it; a missing one is applied again; a changed one is read and compared:
+if its live state no longer contains what the bundle sets (labels, spec, data ...: "desired ⊆
+live", so server defaults and other managers' fields are not drift), it is server-side applied
+again. Repairs are reported in one ``drift.repaired`` event. The resourceVersion after a repair
+becomes the verified one, so values the API server normalises (``cpu: 0.5`` → ``500m``) never
+turn into an apply loop. A quiet site thus costs a few small LISTs per interval, not a re-read of
+~10 MB of objects (the full platform's CRDs alone are ~8 MB). CRD health uses the same trick.
 
 A workload the degradation controller scaled down (``edgefleet.io/original-replicas``) keeps its
 live replica count (render.keep_live_replicas), so supervisor and degradation never fight.
@@ -31,6 +34,9 @@ from agent.install import apply, gates, journal, model, render
 log = structlog.get_logger("edgefleet.drift")
 
 HEALTH_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CustomResourceDefinition")
+TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+#: Above this many changed objects in one component, LIST them instead of one GET each.
+FULL_LIST_OVER = 8
 
 
 def contains(want: Any, have: Any) -> bool:
@@ -78,11 +84,15 @@ class Supervisor:
         self.api = api
         self.next_health = 0.0
         self.next_drift = time.monotonic() + ctx.config.install.drift_interval_seconds
-        self.normalised: dict[str, str] = {}  # key → resourceVersion that "differs" only by normalisation
+        #: key → resourceVersion at which the live object was last seen to match the bundle.
+        self.verified: dict[str, str] = {}
+        #: key → resourceVersion at which a CRD was last seen Established.
+        self.established: dict[str, str] = {}
 
     def reset(self) -> None:
         self.next_health = 0.0
-        self.normalised.clear()
+        self.verified.clear()
+        self.established.clear()
 
     async def tick(self) -> None:
         now = time.monotonic()
@@ -94,30 +104,58 @@ class Supervisor:
         if cur is None:
             return
         spec = await installer.spec_for(self.ctx, cur)
-        repair = now >= self.next_drift
-        if repair:
+        if now >= self.next_drift:
             await self.repair(spec)
             self.next_drift = time.monotonic() + self.ctx.config.install.drift_interval_seconds
         await self.health(spec)
         self.next_health = time.monotonic() + self.ctx.config.install.health_interval_seconds
 
-    async def _live(self, kinds: set[tuple[str, str]], selector: str) -> dict[str, dict[str, Any]]:
-        live: dict[str, dict[str, Any]] = {}
-        for api_version, kind in sorted(kinds):
-            try:
-                items = await kube.list_objects(self.api, api_version, kind, label_selector=selector)
-            except (kube.UnknownKind, kube.NotFound):
-                kube.forget(self.api, api_version)
-                continue  # its CRD is gone: every object of it is missing
-            for item in items:
-                live[model.Ref.of(item).key] = item
-        return live
+    async def _list(self, api_version: str, kind: str, selector: str) -> dict[str, dict[str, Any]] | None:
+        try:
+            items = await kube.list_objects(self.api, api_version, kind, label_selector=selector)
+        except (kube.UnknownKind, kube.NotFound):
+            kube.forget(self.api, api_version)
+            return None  # its CRD is gone: every object of it is missing
+        return {model.Ref.of(item).key: item for item in items}
+
+    async def _versions(self, api_version: str, kind: str, selector: str) -> dict[str, str] | None:
+        """key → resourceVersion of the matching objects, from a metadata-only Table LIST."""
+        try:
+            resource = await kube.resource_for(self.api, api_version, kind)
+            doc = await kube.request(
+                self.api, "GET", resource.path(), query={"labelSelector": selector, "includeObject": "Metadata"},
+                accept=TABLE_ACCEPT,
+            ) or {}
+        except (kube.UnknownKind, kube.NotFound):
+            kube.forget(self.api, api_version)
+            return None
+        group = api_version.rpartition("/")[0]
+        out: dict[str, str] = {}
+        if doc.get("kind") == "Table":
+            for row in doc.get("rows") or []:
+                meta = (row.get("object") or {}).get("metadata") or {}
+                ref = model.Ref(group=group, kind=kind, namespace=str(meta.get("namespace") or ""),
+                                name=str(meta.get("name", "")))
+                out[ref.key] = str(meta.get("resourceVersion", ""))
+        else:  # a server without Table support answered with the plain list
+            for item in doc.get("items") or []:
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+                out[model.Ref.of(item).key] = str((item.get("metadata") or {}).get("resourceVersion", ""))
+        return out
 
     async def health(self, spec: model.Spec) -> list[dict[str, Any]]:
         from agent import installer
 
+        selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}"
         kinds = {k for u in spec.units for k in u.kinds if k[1] in HEALTH_KINDS}
-        live = await self._live(kinds, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
+        live: dict[str, dict[str, Any]] = {}
+        crd_versions: dict[str, str] = {}
+        for api_version, kind in sorted(kinds):
+            if kind == "CustomResourceDefinition":
+                crd_versions.update(await self._versions(api_version, kind, selector) or {})
+            else:
+                live.update(await self._list(api_version, kind, selector) or {})
         results: dict[str, tuple[bool, str, bool]] = {}
         for unit in spec.units:
             healthy, reason, degraded = True, "", False
@@ -126,7 +164,9 @@ class Supervisor:
                                 namespace=str(check.get("namespace") or ""), name=str(check["name"])).key
                 obj = live.get(key)
                 try:
-                    if check["kind"] in HEALTH_KINDS and check["type"] != "condition":
+                    if check["type"] == "crd-established":
+                        ok, why = await self._crd(check, key, crd_versions.get(key))
+                    elif check["kind"] in HEALTH_KINDS and check["type"] != "condition":
                         ok, why = gates.evaluate(check, obj)
                     else:
                         ok, why = await gates.probe(self.api, check)
@@ -143,28 +183,51 @@ class Supervisor:
         metrics.refresh(self.ctx.store)
         return components
 
+    async def _crd(self, check: dict[str, Any], key: str, version: str | None) -> tuple[bool, str]:
+        if version is None:
+            self.established.pop(key, None)
+            return False, f"CustomResourceDefinition {check['name']} does not exist"
+        if self.established.get(key) == version:
+            return True, ""
+        ok, why = await gates.probe(self.api, check)
+        if ok:
+            self.established[key] = version
+        return ok, why
+
     async def repair(self, spec: model.Spec) -> list[str]:
-        """One component at a time, so only one component's objects are ever parsed at once."""
+        """One component at a time; a component's objects are parsed only if something changed."""
         repaired: list[str] = []
         kinds_fixed: Counter[str] = Counter()
         for unit in spec.units:
             selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY},{model.LABEL_COMPONENT}={unit.name}"
-            live = await self._live(unit.kinds, selector)
-            for obj in sorted(unit.objects, key=render.order_key):
+            versions: dict[str, str] = {}
+            for api_version, kind in sorted(unit.kinds):
+                versions.update(await self._versions(api_version, kind, selector) or {})
+            suspect = [k for k in unit.keys if k not in versions or versions[k] != self.verified.get(k)]
+            if not suspect:
+                continue
+            live: dict[str, dict[str, Any]] = {}
+            changed = [k for k in suspect if k in versions]
+            if len(changed) > FULL_LIST_OVER:  # cheaper as one LIST per kind than one GET per object
+                for api_version, kind in sorted(unit.kinds):
+                    live.update(await self._list(api_version, kind, selector) or {})
+            wanted = set(suspect)
+            for obj in sorted((o for o in unit.objects if model.Ref.of(o).key in wanted), key=render.order_key):
                 key = model.Ref.of(obj).key
                 have = live.get(key)
+                if have is None and key in versions:
+                    have = await self._get(obj)
                 if have is not None:
                     want = render.keep_live_replicas(obj, have)
-                    rv = str((have.get("metadata") or {}).get("resourceVersion", ""))
-                    if not differs(want, have) or self.normalised.get(key) == rv:
+                    if not differs(want, have):
+                        self.verified[key] = str((have.get("metadata") or {}).get("resourceVersion", ""))
                         continue
                 try:
                     after = await apply.apply_object(self.api, obj, deadline=time.monotonic() + 30)
                 except apply.ApplyFailed as exc:
                     log.warning("drift repair failed", object=str(model.Ref.of(obj)), error=str(exc))
                     continue
-                if differs(render.keep_live_replicas(obj, after), after):
-                    self.normalised[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
+                self.verified[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
                 repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
                 kinds_fixed[str(obj["kind"])] += 1
                 metrics.DRIFT_REPAIRS.labels(str(obj["kind"])).inc()
@@ -176,3 +239,11 @@ class Supervisor:
                 data={"bundle": spec.label, "objects": repaired[:50], "kinds": dict(kinds_fixed)},
             )
         return repaired
+
+    async def _get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        meta = obj.get("metadata") or {}
+        try:
+            return await kube.get(self.api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
+                                  namespace=meta.get("namespace"))
+        except (kube.UnknownKind, kube.NotFound):
+            return None

@@ -45,7 +45,6 @@ from typing import Any
 import structlog
 from pydantic_settings import SettingsError
 
-from agent import config as agent_config
 from agent import (
     commands,
     degrade,
@@ -63,6 +62,7 @@ from agent import (
     sitestatus,
     snapshots,
 )
+from agent import config as agent_config
 from agent.context import AgentContext
 from agent.install import journal as install_journal
 from agent.state import StateStore

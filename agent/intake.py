@@ -39,6 +39,7 @@ from bundles import errors, trust, verify
 log = structlog.get_logger("edgefleet.intake")
 
 SETTLE_SECONDS = 2.0
+STAGE_LOCK = "stage.lock"
 _IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 
@@ -65,10 +66,17 @@ def store_dir(ctx: AgentContext) -> Path:
 def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
     root = trust.load_root(ctx.config.trust_dir / "root.json")
     release, created = journal.highwater(ctx.store)
-    return verify.verify_and_stage(
-        path, root=root, store_dir=store_dir(ctx), min_release=release,
-        min_created=datetime.fromisoformat(created) if created else None,
-    )
+    # One staging at a time per site, and never while the daemon sweeps stale staging dirs.
+    with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
+        return verify.verify_and_stage(
+            path, root=root, store_dir=store_dir(ctx), min_release=release,
+            min_created=datetime.fromisoformat(created) if created else None,
+        )
+
+
+def _cleanup(ctx: AgentContext) -> None:
+    with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
+        verify.cleanup_stale(store_dir(ctx))
 
 
 def _reject(ctx: AgentContext, path: Path, exc: errors.BundleError) -> None:
@@ -201,7 +209,7 @@ def status(ctx: AgentContext) -> dict[str, Any]:
 async def run(ctx: AgentContext) -> None:
     """Daemon task: watch the inbox (a directory poll: cheap, and works on any filesystem)."""
     journal.setup(ctx.store)
-    await asyncio.to_thread(verify.cleanup_stale, store_dir(ctx))
+    await asyncio.to_thread(_cleanup, ctx)
     while True:
         for path, result in await import_inbox(ctx):
             log.info("inbox file processed", file=path.name, result=getattr(result, "bundle", None) or str(result))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agent import protocol
+from agent import placement, protocol
 from agent.degrade.model import Node, Workload
 from agent.degrade.planner import Plan
 
@@ -146,7 +146,8 @@ def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workl
     Generalised by capacity, for any number of nodes:
 
     * Green: every node is available.
-    * Red: no worker (non-control-plane) node is left, or what is left cannot hold tier 3 in
+    * Red: no worker is left (a node ordinary pods may use: not tainted control-plane, so an
+      untainted HA server counts as one), or what is left cannot hold tier 3 in
       full: only the lifeboat tiers (1, 2) run. This is limp-home mode.
     * Yellow: anything in between: capacity was lost but tiers 1-3 run in full.
 
@@ -157,7 +158,7 @@ def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workl
         return protocol.SiteState.RED, "the cluster reports no nodes"
     if not lost:
         return protocol.SiteState.GREEN, "all nodes ready"
-    workers = [n for n in nodes if n.available and not n.control_plane]
+    workers = [n for n in nodes if n.available and not n.unschedulable and not _lifeboat_only(n)]
     lost_text = f"{_names(lost)} lost"
     if not workers:
         left = sorted(n.name for n in nodes if n.available)
@@ -173,6 +174,12 @@ def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workl
             f"{lost_text}; the remaining capacity cannot hold tier 3 ({_names(w.ref for w in short)})",
         )
     return protocol.SiteState.YELLOW, f"{lost_text}; consolidating on {len(nodes) - len(lost)} of {len(nodes)} nodes"
+
+
+def _lifeboat_only(node: Node) -> bool:
+    return any(
+        t.key == placement.CONTROL_PLANE_TAINT and t.effect in ("NoSchedule", "NoExecute") for t in node.taints
+    )
 
 
 def _names(names: Iterable[str]) -> str:

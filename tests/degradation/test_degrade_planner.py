@@ -299,6 +299,13 @@ def test_classify_three_nodes(lost: tuple[str, ...], state: str) -> None:
     assert tracker.classify(nodes, plan, PLATFORM)[0].value == state
 
 
+def test_classify_untainted_ha_servers_count_as_workers() -> None:
+    servers = [Node(name=f"s{i}", control_plane=True, available=i != 0, allocatable=Resources(4000, 8 * GiB, 110))
+               for i in range(3)]  # fmt: skip
+    plan = planner.plan(servers, PLATFORM)
+    assert tracker.classify(servers, plan, PLATFORM)[0] is protocol.SiteState.YELLOW
+
+
 def test_classify_by_capacity_many_nodes() -> None:
     nodes = [node("cp", cp=True)] + [node(f"w{i}", cpu=1000, available=i < 2) for i in range(6)]
     small = [wl("t3", 3, 1, cpu=500)]

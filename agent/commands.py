@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from agent import outbox, protocol
 from agent.context import AgentContext
 from agent.state import StateStore
 from bundles import dsse
+from bundles.errors import BundleError
 
 log = structlog.get_logger("edgefleet.commands")
 
@@ -206,7 +206,7 @@ def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
         "suppressed_since_last_report": int(suppressed),
     }
     if command is not None:
-        data.update(seq=command.seq, command=command.name.value, issued=command.issued.isoformat())
+        data.update(cmd_seq=command.seq, command=command.name.value, issued=command.issued.isoformat())
     ctx.emit(
         REJECTED_EVENT, f"command rejected ({exc.reason}): {exc.detail}"[:2000],
         severity=protocol.Severity.WARNING, data=data,
@@ -302,29 +302,20 @@ async def _report_now(ctx: AgentContext, command: protocol.Command) -> Outcome:
     return protocol.ReplyStatus.DONE, "fresh status queued", {}
 
 
-def _intake_call(name: str) -> Callable[..., Awaitable[Any]]:
-    """The installer's entry points (agent/intake.py, owned by the agent-core helper)."""
-    try:
-        module = importlib.import_module("agent.intake")
-    except ImportError as exc:
-        raise Failed(f"this agent has no bundle intake ({exc})") from None
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise Failed(f"this agent's intake does not support {name}")
-    return fn  # type: ignore[no-any-return]
-
-
 async def _install_bundle(ctx: AgentContext, command: protocol.Command) -> Outcome:
-    import_bundle = _intake_call("import_bundle")
+    from agent import intake  # the installer stack loads only when a command needs it
+
     reply(ctx, command, protocol.ReplyStatus.ACCEPTED, "downloading bundle", final=False)
     lock = _install_lock.setdefault(id(ctx.store), asyncio.Lock())
     async with lock:
         path = await fetch(ctx, command)
         try:
-            result = await import_bundle(ctx, path)
+            result = await intake.import_bundle(ctx, path, explicit=True)
+        except BundleError as exc:  # already reported by the intake as bundle.rejected
+            raise Failed(f"bundle rejected ({exc.reason}): {exc.message}") from None
         finally:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
-    return protocol.ReplyStatus.DONE, "bundle verified and handed to the installer", _jsonable(result)
+            await asyncio.to_thread(path.unlink, missing_ok=True)  # the intake staged its own verified copy
+    return protocol.ReplyStatus.DONE, f"bundle {result.bundle} verified and queued for install", _jsonable(result)
 
 
 def _jsonable(result: Any) -> dict[str, Any]:
@@ -402,20 +393,23 @@ async def fetch(ctx: AgentContext, command: protocol.Command) -> Path:
 
 
 async def _rollback(ctx: AgentContext, command: protocol.Command) -> Outcome:
-    fn = _intake_call("rollback")
-    reply(ctx, command, protocol.ReplyStatus.ACCEPTED, "rolling back", final=False)
+    from agent import intake
+
     async with _install_lock.setdefault(id(ctx.store), asyncio.Lock()):
-        result = await fn(ctx)
-    return protocol.ReplyStatus.DONE, "rolled back", _jsonable(result)
+        result = await intake.rollback(ctx)
+    return protocol.ReplyStatus.ACCEPTED, "rollback to the last good bundle queued", _jsonable(result)
 
 
 async def _clear_bad(ctx: AgentContext, command: protocol.Command) -> Outcome:
+    from agent import intake
+
     version = command.args.get("version")
     if not isinstance(version, str) or not version:
-        raise Failed("clear-bad-version needs args.version")
-    fn = _intake_call("clear_bad_version")
-    result = await fn(ctx, version)
-    return protocol.ReplyStatus.DONE, f"version {version} may be installed again", _jsonable(result)
+        raise Failed("clear-bad-version needs args.version (<bundle name>-<version>)")
+    result = await intake.clear_bad_version(ctx, version)
+    if not result.get("cleared"):
+        return protocol.ReplyStatus.DONE, f"{version} was not marked bad", _jsonable(result)
+    return protocol.ReplyStatus.DONE, f"{version} may be installed again", _jsonable(result)
 
 
 _HANDLERS: dict[protocol.CommandName, Callable[[AgentContext, protocol.Command], Awaitable[Outcome]]] = {

@@ -11,7 +11,9 @@ files ``<component>/<NNN>-<name>`` (the apply order):
   recursive; ``includeFiles``/``excludeFiles`` globs). Copied byte for byte.
 - ``kustomize: DIR`` (``exclude: [{kind: K}]`` drops objects): ``kubectl kustomize`` (or ``kustomize build``).
 - ``inline: NAME`` with ``objects``: small objects the profile itself defines.
-- ``helm``: with no sources (or ``prefer_helm``), ``helm template`` when helm is on PATH.
+- ``helm``: when helm is on PATH, ``helm template`` renders the pinned chart and replaces the
+  component's mirror sources (IDP-local sources are kept); without helm, or with ``prefer_mirror``,
+  the mirror sources are used. A component with a pin and no other source needs helm.
 
 A component that cannot be rendered fails the build naming the component and what is missing,
 unless ``allow_unrendered``: then it is carried pinned but unrendered (``rendered: false``,
@@ -288,7 +290,7 @@ def render(
     work: Path,
     tools: Tools | None = None,
     allow_unrendered: bool = False,
-    prefer_helm: bool = False,
+    prefer_mirror: bool = False,
 ) -> Rendered:
     """Render every component into ``work`` and validate the result; no bundle is written."""
     tools = tools or Tools()
@@ -303,8 +305,12 @@ def render(
     for comp in profile.components:
         _check_pin(comp, platform)
         srcs = list(comp.sources)
-        use_helm = comp.helm is not None and (not srcs or (prefer_helm and tools.helm is not None))
-        if use_helm and prefer_helm:
+        has_mirror = any(s.kind == "mirror" for s in srcs)
+        # helm template where helm exists, otherwise the mirror (or --prefer-mirror: the mirror first).
+        use_helm = comp.helm is not None and (
+            not srcs or (tools.helm is not None and not (prefer_mirror and has_mirror))
+        )
+        if use_helm:
             srcs = [s for s in srcs if s.kind != "mirror"]
         if use_helm and tools.helm is None:
             assert comp.helm is not None
@@ -575,7 +581,7 @@ def build(
     release: int,
     keys: Sequence[Ed25519PrivateKey] = (),
     allow_unrendered: bool = False,
-    prefer_helm: bool = False,
+    prefer_mirror: bool = False,
     created: datetime | None = None,
     expires: datetime | None = None,
     compression: Literal["zstd", "none"] = "zstd",
@@ -588,7 +594,7 @@ def build(
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         rendered = render(
             prof, platform=platform, mirror=mirror, work=Path(tmp), tools=tools,
-            allow_unrendered=allow_unrendered, prefer_helm=prefer_helm,
+            allow_unrendered=allow_unrendered, prefer_mirror=prefer_mirror,
         )
         try:
             manifest = Manifest(

@@ -95,7 +95,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         trust.parse_root(link)
     result = build.build(
         profile=Path(args.profile), platform=platform, mirror=mirror, out=Path(args.out), version=args.version,
-        release=args.release, keys=signing, allow_unrendered=args.allow_unrendered, prefer_helm=args.prefer_helm,
+        release=args.release, keys=signing, allow_unrendered=args.allow_unrendered,
+        prefer_mirror=args.prefer_mirror,
         compression=args.compression, channel=args.channel, level=args.zstd_level,
         expires=now_utc() + timedelta(days=args.expires_days) if args.expires_days else None,
     )
@@ -265,8 +266,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", action="append", default=[], help="private key to sign with (repeatable)")
     s.add_argument("--allow-unrendered", action="store_true",
                    help="carry helm-only components pinned but unrendered instead of failing")
-    s.add_argument("--prefer-helm", action="store_true",
-                   help="render pinned charts with helm even if a mirror has them")
+    s.add_argument("--prefer-mirror", action="store_true",
+                   help="use the mirror's pre-rendered manifests even where helm could render the chart")
     s.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     s.add_argument("--zstd-level", type=int, default=container.ZSTD_LEVEL, choices=range(1, 20), metavar="1-19")
     s.add_argument("--channel", choices=["release", "development"], default="release")

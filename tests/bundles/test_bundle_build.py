@@ -225,3 +225,25 @@ def test_build_expiry_and_release_are_recorded(tmp_path: Path, platform: Path) -
     assert result.manifest.release == 1
     assert result.manifest.expires == dt.datetime(2026, 6, 30, tzinfo=dt.UTC)
     assert os.path.getsize(result.path) > 0
+
+
+def test_helm_replaces_mirror_sources_unless_prefer_mirror(tmp_path: Path, platform: Path) -> None:
+    fake = tmp_path / "bin" / "helm"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\ncat <<'EOF'\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: from-helm}\nEOF\n")
+    fake.chmod(0o755)
+    trivy = {"name": "trivy", "layer": 3, "tier": 4, "namespace": "argocd", "dependsOn": ["ns"],
+             "helm": {"repo": "https://aquasecurity.github.io/helm-charts/", "chart": "trivy-operator",
+                      "version": "0.31.0", "pinnedIn": "K8s/security/trivy/kustomization.yaml"},
+             "sources": [{"inline": "cm.yaml", "objects": [
+                 {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "idp-local"}}]},
+                 {"mirror": "trivy-operator/v0.29.0/deploy/static/trivy-operator.yaml"}]}
+    p = tmp_path / "profile.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "tiers": {1: {}, 4: {}}, "components": [NS, trivy]}))
+    common: dict[str, Any] = {"profile": p, "platform": platform / "idp-blueprint", "mirror": platform / "mirror",
+                              "version": "0.1.0", "release": 1, "tools": build.Tools(helm=str(fake))}
+    with_helm = build.build(out=tmp_path / "a.efb", **common).manifest.component("trivy")
+    assert with_helm.source.type == "helm"
+    assert with_helm.source.paths == ("helm:trivy-operator", "inline:cm.yaml")
+    mirrored = build.build(out=tmp_path / "b.efb", prefer_mirror=True, **common).manifest.component("trivy")
+    assert mirrored.source.type == "mirror" and len(mirrored.health_checks) > 1

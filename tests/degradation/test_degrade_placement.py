@@ -230,3 +230,17 @@ def test_idp_blueprint_argocd_deployments(platform: Path) -> None:
         else:
             assert out == doc
     assert workloads >= 7
+
+
+def test_bundle_manifest_tier_policies_from_the_profile() -> None:
+    """The bundle manifest's own TierPolicy model and the shipped profile's tier table."""
+    from bundles.manifest import TierPolicy
+
+    profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "bundles/profiles/idp-platform.yaml").read_text())
+    tiers = {int(k): TierPolicy.model_validate(v) for k, v in profile["tiers"].items()}
+    classes = {t: placement.policy_fields(p, tier=t)[0] for t, p in tiers.items()}
+    assert all(classes.values())
+    spec2 = placement.pod_spec(placement.apply_tier_policy(deployment(), tier=2, policy=tiers))
+    assert spec2["priorityClassName"] == classes[2] and placement.tolerates_control_plane(spec2["tolerations"])
+    spec4 = placement.pod_spec(placement.apply_tier_policy(deployment(), tier=4, policy=tiers[4]))
+    assert spec4["priorityClassName"] == classes[4] and "tolerations" not in spec4 and "affinity" not in spec4

@@ -244,3 +244,19 @@ def test_bundle_manifest_tier_policies_from_the_profile() -> None:
     assert spec2["priorityClassName"] == classes[2] and placement.tolerates_control_plane(spec2["tolerations"])
     spec4 = placement.pod_spec(placement.apply_tier_policy(deployment(), tier=4, policy=tiers[4]))
     assert spec4["priorityClassName"] == classes[4] and "tolerations" not in spec4 and "affinity" not in spec4
+
+
+def test_profile_priority_classes_follow_the_tiers(platform: Path) -> None:
+    """Kubernetes' own preemption must agree with the degradation order: tier 1 >= 2 > 3 > 4."""
+    profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "bundles/profiles/idp-platform.yaml").read_text())
+    values: dict[str, int] = {}
+    for doc in yaml.safe_load_all((platform / "idp-blueprint/IT/priorityclasses/priorityclasses.yaml").read_text()):
+        if isinstance(doc, dict) and doc.get("kind") == "PriorityClass":
+            values[doc["metadata"]["name"]] = int(doc["value"])
+    for comp in profile["components"]:
+        for source in comp.get("sources") or []:
+            for obj in source.get("objects") or []:
+                if obj.get("kind") == "PriorityClass":
+                    values[obj["metadata"]["name"]] = int(obj["value"])
+    tier_value = {int(t): values[p["priorityClassName"]] for t, p in profile["tiers"].items()}
+    assert tier_value[1] >= tier_value[2] > tier_value[3] > tier_value[4], tier_value

@@ -117,6 +117,7 @@ class Cluster:
         self._log = log
         self.printer_columns: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self.server_seconds = 0.0
+        self.requests = 0
         self.watch_latencies: list[float] = []
         self._write_times: dict[int, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -142,6 +143,8 @@ class Cluster:
         t = self._write_times.get(rv)
         if t is not None:
             self.watch_latencies.append(time.perf_counter() - t)
+            if len(self.watch_latencies) > 200_000:
+                del self.watch_latencies[:100_000]
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -414,9 +417,18 @@ class Cluster:
         self.wake()
 
     def describe(self) -> dict[str, Any]:
+        """State and self-measurements (served at /sim/state; the benchmark reads them)."""
+        lat = sorted(self.watch_latencies)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3) if lat else None
+
+        objects = sum(self.store.count(k) for k in self.store.keys())
         return {"nodes": {n.name: {"state": n.state, "ready": n.ready, "server": n.server}
                           for n in self.nodes.values()},
-                "speed": self.clock.speed, "resourceVersion": self.store.rv}
+                "speed": self.clock.speed, "resourceVersion": self.store.rv, "objects": objects,
+                "requests": self.requests, "serverSeconds": round(self.server_seconds, 3),
+                "watchEvents": len(lat), "watchLatencyMs": {"p50": pct(0.5), "p99": pct(0.99)}}
 
     # --- kubelet -----------------------------------------------------------------------------------------------
     def _pod_key(self, pod: dict[str, Any]) -> str:

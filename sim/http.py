@@ -87,6 +87,7 @@ class Handlers:
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return _json(errors.ApiError(401, "Unauthorized").status(), 401)
         started = time.perf_counter()
+        self.cluster.requests += 1
         try:
             return await handler(request)
         except errors.ApiError as exc:
@@ -99,7 +100,8 @@ class Handlers:
             self.cluster.log(f"internal error on {request.method} {request.path_qs}: {exc!r}")
             return _error(errors.ApiError(500, f"Internal error occurred: {exc}"))
         finally:
-            self.cluster.server_seconds += time.perf_counter() - started
+            if not _bool(request.query.get("watch")):  # a watch's lifetime is not server work
+                self.cluster.server_seconds += time.perf_counter() - started
 
     # --- discovery ---------------------------------------------------------------------------------------------
     async def version(self, request: web.Request) -> web.Response:

@@ -118,3 +118,16 @@ def test_threshold_must_be_reachable() -> None:
     k = keys.generate()
     with pytest.raises(errors.RootInvalid):
         trust.make_root(release=[k.public_key()], threshold=2, expires=NOW)
+
+
+def test_chain_attached_after_build_survives_signing(kit: Kit) -> None:
+    from bundles import pack
+
+    g2 = [keys.generate() for _ in range(3)]
+    path = kit.bundle(signers=g2[:1])
+    pack.attach_chain(path, [link(kit.release_keys, g2, version=2)])
+    with pytest.raises(errors.BelowThreshold):
+        verify.verify_only(path, root=kit.root, now=NOW)
+    pack.sign_bundle(path, keys=[g2[1]])
+    res = verify.verify_only(path, root=kit.root, now=NOW)
+    assert res.root_rotated and res.root.version == 2 and len(res.signers) == 2

@@ -96,7 +96,7 @@ def make_bundle(work: Path, *, size_mib: int, compression: str) -> tuple[Path, P
     root_path.write_bytes(trust.sign_root(root, keys=[key]).to_json())
     m = manifest.Manifest(
         name="bench", version="1.0.0", release=1, created=now, expires=now + dt.timedelta(days=1),
-        compression=compression, files=tuple(entries),  # type: ignore[arg-type]
+        compression=compression, files=tuple(entries),
         components=(manifest.Component(name="images", layer=0, tier=1, files=tuple(e.path for e in entries),
                                        source=manifest.Source(type="files")),),
         tiers={1: manifest.TierPolicy()},

@@ -84,9 +84,7 @@ async def test_all_healthy_green_nothing_scaled(tmp_path: Path) -> None:
 async def test_one_worker_fails_yellow_tier4_shrinks_tiers_2_3_run(tmp_path: Path) -> None:
     async with scenario(tmp_path) as (site, api, ctx):
         await site.fail_node("agent-1")
-        took = await h.eventually(lambda: _state_is(ctx, "yellow"), timeout=10, what="yellow")
-        # Detected from the stale lease, before Kubernetes' 40 s (4 s here) NotReady.
-        assert took < 40 / SPEED
+        await h.eventually(lambda: _state_is(ctx, "yellow"), timeout=10, what="yellow")
         live = {"server-0", "agent-0"}
 
         async def settled() -> bool:
@@ -137,6 +135,8 @@ async def _no_pending(api: Any) -> bool:
 
 async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: Path) -> None:
     async with scenario(tmp_path) as (site, api, ctx):
+        stranded = {p["metadata"]["name"] for p in await h.pods(api)
+                    if TIER[h.pod_app(p)] == 2 and p["spec"].get("nodeName") != "server-0"}  # fmt: skip
         await site.fail_node("agent-0")
         await site.fail_node("agent-1")
         await h.eventually(lambda: _state_is(ctx, "red"), timeout=10, what="red")
@@ -146,9 +146,11 @@ async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: P
             on_server = await h.running_by_app(api, nodes={"server-0"})
             return all(on_server.get(n, 0) == ORIGINAL[n] for n in ORIGINAL if TIER[n] == 2)
 
-        # Tier 2 Running on the server node long before Kubernetes would evict (300 s → 30 s here).
-        took = await h.eventually(lifeboat, timeout=20, what="tier 2 Running on server-0")
-        assert took < 300 / SPEED
+        # Tier 2 Running on the server node because the agent deleted the pods stuck on the dead
+        # workers (how long that takes vs Kubernetes' own eviction: bench/degradation.py).
+        await h.eventually(lifeboat, timeout=20, what="tier 2 Running on server-0")
+        deleted = {p.split("/")[1] for e in h.events(ctx.store, "degradation.pods-deleted") for p in e["data"]["pods"]}
+        assert stranded and stranded <= deleted
         replicas = await _replicas(api)
         assert all(replicas[n] == 0 for n in ORIGINAL if TIER[n] >= 3), replicas
         assert all(replicas[n] == ORIGINAL[n] for n in ORIGINAL if TIER[n] <= 2)

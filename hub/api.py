@@ -394,4 +394,29 @@ def create_app(ctx: HubContext) -> FastAPI:
 
     app.include_router(read)
     app.include_router(write)
+    _mount_snapshot_upload(app, ctx)
+    from hub.dashboard import router as dashboard  # the dashboard builds on this module's auth
+
+    dashboard.mount(app)
     return app
+
+
+def _mount_snapshot_upload(app: FastAPI, ctx: HubContext) -> None:
+    """Optional etcd snapshot uploads (``snapshot_upload.enabled``); each site has its own token file."""
+    cfg = ctx.config.snapshot_upload
+    if not cfg.enabled:
+        return
+    from hub import snapshot_upload
+
+    token_dir = cfg.token_dir or ctx.config.data_dir / "snapshot-tokens"
+
+    def site_token(site: str) -> str | None:
+        try:  # site ids are validated by the router before this is called: no path tricks
+            token = (token_dir / site).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        return token or None
+
+    app.include_router(
+        snapshot_upload.router(storage_dir=cfg.storage_dir or ctx.config.data_dir / "snapshots", site_token=site_token)
+    )

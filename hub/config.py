@@ -102,6 +102,17 @@ class CommandConfig(_Section):
     ttl_seconds: float = Field(default=900.0, gt=0)
 
 
+class SnapshotUploadConfig(_Section):
+    """Optional etcd snapshot uploads from sites (hub/snapshot_upload.py). Off by default."""
+
+    enabled: bool = False
+    #: Uploads land in ``<storage_dir>/<site>/`` (default ``<data_dir>/snapshots``).
+    storage_dir: Path | None = None
+    #: One file per site, named after the site id, holding that site's upload token; read on every
+    #: request, so adding or rotating a site's token needs no restart (default ``<data_dir>/snapshot-tokens``).
+    token_dir: Path | None = None
+
+
 class HubConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGEFLEET_HUB_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -125,6 +136,7 @@ class HubConfig(BaseSettings):
     history: HistoryConfig = HistoryConfig()
     api: ApiConfig = ApiConfig()
     commands: CommandConfig = CommandConfig()
+    snapshot_upload: SnapshotUploadConfig = SnapshotUploadConfig()
 
     @model_validator(mode="after")
     def _check_urls(self) -> HubConfig:

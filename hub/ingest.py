@@ -140,7 +140,9 @@ class Ingest:
             m.duplicates.labels(kind=str(getattr(parsed, "kind", channel))).inc()
             conn.ack(message.mid, message.qos)
             return
-        received = store.Received(message=parsed, received_at=datetime.now(UTC), retained=bool(message.retain))
+        received = store.Received(
+            message=parsed, received_at=datetime.now(UTC), retained=bool(message.retain), raw=bytes(payload)
+        )
         self.batch.append(_Item(received=received, mid=message.mid, qos=message.qos, conn=conn))
         m.pending.set(len(self.batch))
         if len(self.batch) >= self.ctx.config.ingest.batch_size:

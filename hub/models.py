@@ -79,8 +79,8 @@ class Site(Base):
     bundle_release: Mapped[int | None] = mapped_column(Integer)
     agent_version: Mapped[str | None] = mapped_column(String(64))
     interval_seconds: Mapped[float | None] = mapped_column(Float)
-    #: The latest status document as sent (validated).
-    status: Mapped[dict[str, Any] | None]
+    #: The latest status document exactly as sent (validated JSON text; not re-encoded on the hot path).
+    status: Mapped[str | None] = mapped_column(Text)
     #: Driven by ``online`` messages only (the Last Will sets it false); None until one arrives.
     online: Mapped[bool | None] = mapped_column(Boolean)
     online_at: Mapped[datetime | None]

@@ -64,6 +64,8 @@ async def running(config: HubConfig, *, serve_api: bool = True) -> AsyncIterator
                     log_config=None,
                     log_level=logging.WARNING,
                     access_log=False,
+                    # Open server-sent-event streams (dashboard) would otherwise hold shutdown forever.
+                    timeout_graceful_shutdown=2,
                     lifespan="off",
                 )
             )

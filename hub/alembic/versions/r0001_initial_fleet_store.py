@@ -107,7 +107,7 @@ def upgrade() -> None:
         sa.Column("bundle_release", sa.Integer(), nullable=True),
         sa.Column("agent_version", sa.String(length=64), nullable=True),
         sa.Column("interval_seconds", sa.Float(), nullable=True),
-        sa.Column("status", sa.JSON(), nullable=True),
+        sa.Column("status", sa.Text(), nullable=True),
         sa.Column("online", sa.Boolean(), nullable=True),
         sa.Column("online_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("stale", sa.Boolean(), nullable=False),

@@ -1,0 +1,325 @@
+"""Hub ingest benchmark: status messages stored per second, against a raw ``mosquitto_sub`` drain.
+
+Lightweight simulated sites (paho publishers in a few processes, not full agents) publish status
+messages for ``--sites`` site identities to the local mosquitto (127.0.0.1:1883) at an offered rate.
+The same stream is consumed, phase by phase, by:
+
+* ``raw``: ``mosquitto_sub -q 1`` (the baseline: what a do-nothing subscriber drains);
+* ``hub1-pg``: one ``edgefleet-hub run`` process on PostgreSQL;
+* ``hub2-pg``: two replicas on PostgreSQL behind a shared subscription;
+* ``hub1-sqlite``: one hub on SQLite (the zero-setup default).
+
+Per phase: messages stored per second (stored count / span from first publish to last stored),
+the ratio against the raw drain of the same run, and the p99 publish-to-stored latency (the site
+``ts`` set just before publishing vs the ``stored_at`` of the committing batch; same clock). Each
+hub phase gets a fresh database (schema) and a fresh client id. Statuses are published *not*
+retained here, so the benchmark leaves no retained state behind on the shared broker.
+
+Usage: ``python bench/hub_ingest.py [--sites 10000] [--rate 6000] [--duration 20] [--phases raw,hub1-pg,...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB = ROOT / ".venv" / "bin" / "edgefleet-hub"
+PG_URL = os.environ.get("EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+HOST, PORT = "127.0.0.1", 1883
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- publishers ------------------------------------------------------------------------------------
+
+
+def _status_doc(site: str, seq: int) -> dict[str, Any]:
+    """A realistic small status: 12 components over 5 layers, 3 nodes, a snapshot, a bundle."""
+    return {
+        "schema": 1,
+        "kind": "status",
+        "msg_id": uuid.uuid4().hex,
+        "site": site,
+        "seq": seq,
+        "ts": datetime.now(UTC).isoformat(),
+        "state": "green",
+        "bundle": {"name": "idp", "version": "1.4.2", "release": 42},
+        "install_state": "idle",
+        "components": [
+            {"name": f"component-{c}", "layer": c % 5, "tier": 1 + c % 4, "healthy": True} for c in range(12)
+        ],
+        "nodes": [
+            {"name": "server-0", "ready": True, "control_plane": True},
+            {"name": "agent-0", "ready": True},
+            {"name": "agent-1", "ready": True},
+        ],
+        "snapshot": {"last_success": "2026-01-01T00:00:00+00:00", "age_seconds": 600.0, "size_bytes": 52428800},
+        "agent_version": "0.1.0",
+        "interval_seconds": 30.0,
+    }
+
+
+def _publisher(index: int, sites: list[str], rate: float, total: int, seq_base: int, out: Any) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    acked = [0]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}-{uuid.uuid4().hex[:6]}",
+                         protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(2000)
+    client.max_queued_messages_set(0)
+    client.on_publish = lambda *_a: acked.__setitem__(0, acked[0] + 1)
+    client.connect(HOST, PORT, keepalive=60)
+    client.loop_start()
+    start = time.monotonic()
+    for i in range(total):
+        site = sites[i % len(sites)]
+        payload = json.dumps(_status_doc(site, seq_base + i // len(sites)), separators=(",", ":"))
+        client.publish(f"edgefleet/v1/sites/{site}/status", payload, qos=1)
+        if i % 50 == 0:  # pace to the offered rate
+            ahead = (i + 1) / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    deadline = time.monotonic() + 60
+    while acked[0] < total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    elapsed = time.monotonic() - start
+    client.loop_stop()
+    client.disconnect()
+    out.put((index, total, acked[0], elapsed))
+
+
+def publish_stream(*, prefix: str, sites: int, rate: float, duration: float, publishers: int) -> dict[str, Any]:
+    names = [f"{prefix}-{i:06d}" for i in range(sites)]
+    total = int(rate * duration)
+    per = total // publishers
+    seq_base = int(time.time())  # later phases carry higher sequence numbers
+    queue: Any = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(
+            target=_publisher, args=(i, names[i::publishers], rate / publishers, per, seq_base, queue)
+        )
+        for i in range(publishers)
+    ]
+    t0 = time.time()
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=duration * 4 + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    published = sum(r[1] for r in results)
+    acked = sum(r[2] for r in results)
+    span = max(r[3] for r in results)
+    return {"t0": t0, "published": published, "acked": acked, "publish_rate": published / span}
+
+
+# ---- consumers ---------------------------------------------------------------------------------------
+
+
+def phase_raw(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = f"bench-raw-{uuid.uuid4().hex[:4]}"
+    out = Path(tempfile.mkstemp(prefix="hub-bench-raw-")[1])
+    with open(out, "wb") as fh:
+        sub = subprocess.Popen(
+            ["mosquitto_sub", "-h", HOST, "-p", str(PORT), "-V", "mqttv5", "-q", "1", "-i", f"raw-{prefix}",
+             "-t", "edgefleet/v1/sites/+/status", "-F", "%t %U"],
+            stdout=fh,
+        )
+        time.sleep(1.0)
+        pub = publish_stream(prefix=prefix, sites=args.sites, rate=args.rate, duration=args.duration,
+                             publishers=args.publishers)
+        _wait_quiet(lambda: _raw_count(out, prefix)[0], pub["published"])
+        sub.terminate()
+        sub.wait()
+    count, last = _raw_count(out, prefix)
+    out.unlink()
+    return {**pub, "stored": count, "rate": count / (last - pub["t0"]) if count else 0.0, "p99": None}
+
+
+def _raw_count(path: Path, prefix: str) -> tuple[int, float]:
+    count, last = 0, 0.0
+    with open(path, "rb") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 2 and parts[0].split(b"/")[3].startswith(prefix.encode()):
+                count += 1
+                last = max(last, float(parts[1]))
+    return count, last
+
+
+def _wait_quiet(counter: Any, target: int, *, idle: float = 5.0) -> None:
+    """Until ``counter()`` reaches ``target`` or stops moving for ``idle`` seconds."""
+    last, since = -1, time.monotonic()
+    while True:
+        n = counter()
+        if n >= target:
+            return
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since > idle:
+            return
+        time.sleep(0.25)
+
+
+def phase_hub(args: argparse.Namespace, *, replicas: int, db: str) -> dict[str, Any]:
+    prefix = f"bench-{db}{replicas}-{uuid.uuid4().hex[:4]}"
+    work = Path(tempfile.mkdtemp(prefix="hub-bench-"))
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    if db == "pg":
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    else:
+        url = f"sqlite:///{work / 'hub.db'}"
+    procs = []
+    try:
+        for r in range(replicas):
+            port = _free_port()
+            cfg = {
+                "db_url": url,
+                "data_dir": str(work / f"data{r}"),
+                "log_format": "json",
+                "mqtt": {"host": HOST, "port": PORT, "client_id": f"{prefix}-r{r}",
+                         "shared_subscriptions": replicas > 1, "shared_group": prefix},
+                "api": {"host": "127.0.0.1", "port": port},
+            }
+            path = work / f"hub{r}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            log = open(work / f"hub{r}.log", "wb")  # noqa: SIM115
+            procs.append((subprocess.Popen([str(HUB), "--config", str(path), "run"], stdout=log, stderr=log), port))
+            log.close()
+        _wait_ready([p for _, p in procs])
+        time.sleep(1.0)
+        engine = sa.create_engine(url)
+        pub = publish_stream(prefix=prefix, sites=args.sites, rate=args.rate, duration=args.duration,
+                             publishers=args.publishers)
+
+        def stored() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text("SELECT count(*) FROM status_history")).scalar_one())
+
+        _wait_quiet(stored, pub["published"])
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT ts, stored_at FROM status_history")).all()
+        engine.dispose()
+        lat = sorted(_secs(r.stored_at) - _secs(r.ts) for r in rows)
+        last = max((_secs(r.stored_at) for r in rows), default=pub["t0"])
+        result = {
+            **pub,
+            "stored": len(rows),
+            "rate": len(rows) / (last - pub["t0"]) if rows else 0.0,
+            "p99": lat[int(len(lat) * 0.99) - 1] if lat else None,
+            "p50": statistics.median(lat) if lat else None,
+        }
+        if args.keep_logs:
+            result["logs"] = str(work)
+        return result
+    finally:
+        for proc, _port in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if db == "pg":
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+        if not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _secs(value: Any) -> float:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+def _wait_ready(ports: list[int]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    for port in ports:
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                if r.json().get("mqtt_connected"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"hub on port {port} did not become ready")
+            time.sleep(0.2)
+
+
+PHASES = {
+    "raw": lambda a: phase_raw(a),
+    "hub1-pg": lambda a: phase_hub(a, replicas=1, db="pg"),
+    "hub2-pg": lambda a: phase_hub(a, replicas=2, db="pg"),
+    "hub1-sqlite": lambda a: phase_hub(a, replicas=1, db="sqlite"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=10_000)
+    parser.add_argument("--rate", type=float, default=6000.0, help="offered status messages per second")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of publishing per phase")
+    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    parser.add_argument("--phases", default="raw,hub1-pg,hub2-pg,hub1-sqlite")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("mosquitto_sub") is None:
+        print("mosquitto_sub not found (apt-get install mosquitto-clients)", file=sys.stderr)
+        return 2
+    results: dict[str, dict[str, Any]] = {}
+    print(f"hub ingest benchmark: {args.sites} site ids, offered {args.rate:.0f} msg/s for {args.duration:.0f} s, "
+          f"{args.publishers} publisher processes, broker {HOST}:{PORT}, {os.cpu_count()} CPUs")
+    for name in args.phases.split(","):
+        res = PHASES[name](args)
+        results[name] = res
+        p99 = f"{res['p99'] * 1000:.0f} ms" if res.get("p99") is not None else "-"
+        p50 = f"{res['p50'] * 1000:.0f} ms" if res.get("p50") is not None else "-"
+        print(f"  {name:12s} published {res['published']:7d} ({res['publish_rate']:7.0f}/s) "
+              f"stored {res['stored']:7d}  rate {res['rate']:7.0f} msg/s  p50 {p50:>8s}  p99 {p99:>8s}", flush=True)
+    raw = results.get("raw", {}).get("rate")
+    print("summary:")
+    for name, res in results.items():
+        if name == "raw":
+            print(f"  raw mosquitto_sub drain: {res['rate']:.0f} msg/s")
+            continue
+        ratio = f"{res['rate'] / raw:.2f}x raw" if raw else "no raw baseline"
+        print(f"  {name}: {res['rate']:.0f} msg/s stored ({ratio}), p99 "
+              f"{res['p99'] * 1000 if res['p99'] is not None else float('nan'):.0f} ms, "
+              f"lost {res['published'] - res['stored']}")
+    if "hub1-pg" in results and "hub2-pg" in results and results["hub1-pg"]["rate"]:
+        print(f"  2 replicas vs 1 on PostgreSQL: {results['hub2-pg']['rate'] / results['hub1-pg']['rate']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,7 @@ from pydantic_settings import SettingsError
 from agent import (
     commands,
     degrade,
+    events,
     exitcodes,
     httpd,
     installer,
@@ -112,6 +113,7 @@ async def kube_probe(ctx: AgentContext) -> None:
 #: Modules add their ``setup(store)`` here.
 MIGRATIONS: list[Callable[[StateStore], None]] = [
     outbox.setup,
+    events.setup,
     commands.setup,
     snapshots.setup,
     install_journal.setup,

@@ -163,15 +163,15 @@ def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
             "link": link or None,
         }
 
-        events = []
-        for r in _rows(
-            db, "SELECT payload FROM outbox WHERE channel='events' ORDER BY id DESC LIMIT ?", (RECENT_EVENTS,)
-        ):
-            try:
-                doc = json.loads(bytes(r["payload"]))
-            except (ValueError, TypeError):
-                continue
-            events.append({k: doc.get(k) for k in ("ts", "type", "severity", "summary")})
+        # The local history (agent/events.py) keeps delivered events too; the outbox only unsent ones.
+        sent_up_to = {r["seq"] for r in _rows(db, "SELECT seq FROM outbox WHERE channel='events'")}
+        events = [
+            {**dict(r), "delivered": r["seq"] not in sent_up_to}
+            for r in _rows(
+                db, "SELECT seq, ts, type, severity, summary FROM event_log ORDER BY seq DESC LIMIT ?",
+                (RECENT_EVENTS,),
+            )
+        ]
         report["recent_events"] = events
     finally:
         db.close()
@@ -272,11 +272,14 @@ def render(report: dict[str, Any], *, site: str) -> str:
 
     events = report.get("recent_events") or []
     if events:
-        lines.append("  recent events (unsent, newest first):")
+        lines.append("  recent events (newest first; * = not yet delivered to the hub):")
         for e in events:
-            lines.append(f"    {e.get('ts')} {str(e.get('severity')).upper():7} {e.get('type')}: {e.get('summary')}")
+            mark = " " if e.get("delivered") else "*"
+            lines.append(
+                f"   {mark}{e.get('ts')} {str(e.get('severity')).upper():7} {e.get('type')}: {e.get('summary')}"
+            )
     else:
-        lines.append("  events:    none waiting (delivered ones: journalctl -u edgefleet-agent)")
+        lines.append("  events:    none yet")
     return "\n".join(lines) + "\n"
 
 

@@ -49,3 +49,17 @@ def test_status_recomputes_snapshot_age_at_send_time(tmp_path: Path) -> None:
     status = sitestatus.build(store, site="s1", interval_seconds=30)
     assert status.snapshot is not None and status.snapshot.age_seconds is not None
     assert 7 * 3600 - 5 < status.snapshot.age_seconds < 7 * 3600 + 60
+
+
+def test_event_history_outlives_delivery_and_is_bounded(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    outbox.setup(store)
+    for i in range(events.HISTORY + 5):
+        events.emit(store, site="s1", type="test.event", summary=f"event {i}")
+    for row in outbox.pending(store, limit=1000):
+        outbox.ack(store, row.id)
+    assert outbox.pending(store) == []
+    recent = events.recent(store, limit=3)
+    assert [r["summary"] for r in recent] == [f"event {events.HISTORY + 4 - i}" for i in range(3)]
+    (count,) = store.db.execute("SELECT COUNT(*) FROM event_log").fetchone()
+    assert count == events.HISTORY

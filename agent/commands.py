@@ -30,6 +30,7 @@ import os
 import re
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -183,20 +184,20 @@ def _prune(ctx: AgentContext, *, now: float) -> None:
     ctx.store.db.execute("DELETE FROM commands WHERE final=1 AND received < ?", (now - horizon,))
 
 
-_reject_budget: dict[int, list[float]] = {}
+_reject_budget: weakref.WeakKeyDictionary[StateStore, list[float]] = weakref.WeakKeyDictionary()
 
 
 def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
     COMMANDS.labels(outcome=f"rejected-{exc.reason}").inc()
     log.warning("command rejected", reason=exc.reason, detail=exc.detail)
     # Token bucket per store: a hostile broker replaying garbage must not evict real events from the outbox.
-    tokens, stamp, suppressed = _reject_budget.get(id(ctx.store), [float(REJECT_BURST), time.monotonic(), 0.0])
+    tokens, stamp, suppressed = _reject_budget.get(ctx.store, [float(REJECT_BURST), time.monotonic(), 0.0])
     now = time.monotonic()
     tokens = min(float(REJECT_BURST), tokens + (now - stamp) / REJECT_REFILL_SECONDS)
     if tokens < 1:
-        _reject_budget[id(ctx.store)] = [tokens, now, suppressed + 1]
+        _reject_budget[ctx.store] = [tokens, now, suppressed + 1]
         return
-    _reject_budget[id(ctx.store)] = [tokens - 1, now, 0.0]
+    _reject_budget[ctx.store] = [tokens - 1, now, 0.0]
     command = exc.command
     cmd_id = command.cmd_id if command else _unverified_cmd_id(payload)
     data: dict[str, Any] = {
@@ -269,7 +270,7 @@ def recover(ctx: AgentContext) -> int:
 
 # --- execution -------------------------------------------------------------------------------------------------
 
-_install_lock: dict[int, asyncio.Lock] = {}
+_install_lock: weakref.WeakKeyDictionary[StateStore, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 async def execute(ctx: AgentContext, command: protocol.Command) -> protocol.Reply:
@@ -306,7 +307,7 @@ async def _install_bundle(ctx: AgentContext, command: protocol.Command) -> Outco
     from agent import intake  # the installer stack loads only when a command needs it
 
     reply(ctx, command, protocol.ReplyStatus.ACCEPTED, "downloading bundle", final=False)
-    lock = _install_lock.setdefault(id(ctx.store), asyncio.Lock())
+    lock = _install_lock.setdefault(ctx.store, asyncio.Lock())
     async with lock:
         path = await fetch(ctx, command)
         try:
@@ -395,7 +396,7 @@ async def fetch(ctx: AgentContext, command: protocol.Command) -> Path:
 async def _rollback(ctx: AgentContext, command: protocol.Command) -> Outcome:
     from agent import intake
 
-    async with _install_lock.setdefault(id(ctx.store), asyncio.Lock()):
+    async with _install_lock.setdefault(ctx.store, asyncio.Lock()):
         result = await intake.rollback(ctx)
     return protocol.ReplyStatus.ACCEPTED, "rollback to the last good bundle queued", _jsonable(result)
 

@@ -172,9 +172,16 @@ async def _status_loop(ctx: AgentContext) -> None:
 
 async def _connection_loop(ctx: AgentContext, running: set[asyncio.Task[Any]]) -> None:
     cfg = ctx.config.link
-    attempt = 0
     bucket = TokenBucket(rate=cfg.replay_rate_per_second, burst=cfg.replay_burst)
-    wake = outbox.wakeup(ctx.store)
+    with outbox.watch(ctx.store) as wake:
+        await _connect_forever(ctx, running, bucket=bucket, wake=wake)
+
+
+async def _connect_forever(
+    ctx: AgentContext, running: set[asyncio.Task[Any]], *, bucket: TokenBucket, wake: asyncio.Event
+) -> None:
+    cfg = ctx.config.link
+    attempt = 0
     while True:
         started = time.monotonic()
         try:

@@ -22,10 +22,12 @@ Bounds and what gives (docs/protocol.md, "Outbox"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import weakref
 from collections import Counter as _Tally
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,12 +164,16 @@ def enqueue(store: StateStore, message: protocol.Message, *, channel: protocol.C
     _notify(store)
 
 
-def wakeup(store: StateStore) -> asyncio.Event:
+@contextlib.contextmanager
+def watch(store: StateStore) -> Iterator[asyncio.Event]:
     """An event set whenever a row is enqueued into ``store`` (from any thread), so the link
     publishes new messages at once instead of on its next poll."""
-    event = asyncio.Event()
-    _wakeups.setdefault(store, []).append((asyncio.get_running_loop(), event))
-    return event
+    entry = (asyncio.get_running_loop(), asyncio.Event())
+    _wakeups.setdefault(store, []).append(entry)
+    try:
+        yield entry[1]
+    finally:
+        _wakeups.get(store, []).remove(entry)
 
 
 def _notify(store: StateStore) -> None:

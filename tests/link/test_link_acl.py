@@ -83,7 +83,7 @@ async def test_hub_identity_reads_all_sites_and_writes_commands(broker: Broker) 
 async def test_client_without_fleet_certificate_is_refused(broker: Broker, pki: PKI, tmp_path: Path) -> None:
     anonymous = ssl.create_default_context(cafile=str(pki.ca))
     with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=anonymous, timeout=5):
+        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=anonymous, timeout=2):
             pass
     fleetca = load_fleetca()
     fleetca.init_ca(tmp_path / "rogue")
@@ -91,10 +91,10 @@ async def test_client_without_fleet_certificate_is_refused(broker: Broker, pki: 
     rogue = ssl.create_default_context(cafile=str(pki.ca))
     rogue.load_cert_chain(str(cert), str(key))
     with pytest.raises(aiomqtt.MqttError):
-        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=rogue, timeout=5):
+        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=rogue, timeout=2):
             pass
     with pytest.raises(aiomqtt.MqttError):  # and no plain TCP at all
-        async with aiomqtt.Client("127.0.0.1", broker.port, timeout=5):
+        async with aiomqtt.Client("127.0.0.1", broker.port, timeout=2):
             pass
 
 

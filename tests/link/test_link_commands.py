@@ -157,7 +157,7 @@ async def test_rejection_reports_are_rate_limited(agent: Any) -> None:
     for _ in range(commands.REJECT_BURST * 3):
         commands.admit(agent.ctx, b"junk")
     assert len(_rejections(agent.ctx)) == commands.REJECT_BURST
-    commands._reject_budget[id(agent.ctx.store)][0] = 1.0  # time passes: one token back
+    commands._reject_budget[agent.ctx.store][0] = 1.0  # time passes: one token back
     commands.admit(agent.ctx, b"junk")
     events, _ = _queued(agent.ctx)
     assert events[-1].data["suppressed_since_last_report"] == commands.REJECT_BURST * 2

@@ -98,7 +98,7 @@ async def test_outage_every_event_once_and_in_order(broker: Broker, db_url: str,
             await wait_until(hub.ingest.subscribed.is_set, what="hub subscribed")
             for i in range(10):
                 ctx.emit("test.outage", f"event {i}", data={"i": i})
-            await wait_until(lambda: len(_outage_events(hub)) == 10, timeout=20, what="first events")
+            await wait_until(lambda: len(_outage_events(hub)) == 10, timeout=45, what="first events")
             site = hub.ctx.store.get_site(SITE)
             assert site is not None and site["online"] is True
 
@@ -111,7 +111,7 @@ async def test_outage_every_event_once_and_in_order(broker: Broker, db_url: str,
             broker.start()
             for i in range(60, 70):
                 ctx.emit("test.outage", f"event {i}", data={"i": i})
-            await wait_until(lambda: len(_outage_events(hub)) >= 70, timeout=30, what="all events")
+            await wait_until(lambda: len(_outage_events(hub)) >= 70, timeout=60, what="all events")
             _assert_once_in_order(hub, 70)
 
             # And the other direction over the same link: a signed command, answered by the agent.
@@ -125,7 +125,7 @@ async def test_outage_every_event_once_and_in_order(broker: Broker, db_url: str,
                 cmd_id = r.json()["cmd_id"]
             await wait_until(
                 lambda: hub.ctx.store.get_command(cmd_id)["state"] == "done",
-                timeout=20,  # type: ignore[index]
+                timeout=45,  # type: ignore[index]
                 what="command answered",
             )
             assert not agent_task.done()

@@ -78,3 +78,38 @@ async def test_topic_validated_even_if_broker_delivers_anything(broker: Broker, 
         pipe.handle(msg2, conn=ingest.Connection(client=None, open=False))  # type: ignore[arg-type]
         assert counter(hub.ctx.metrics.registry, "edgefleet_hub_messages_rejected_total", reason="topic") == 2
         assert not pipe.batch
+
+
+def _outcome(fn: object, topic: str, payload: bytes) -> object:
+    try:
+        message = fn(topic, payload)  # type: ignore[operator]
+        # ts and msg_id have default factories: compare them only when the payload carried them.
+        return message.model_dump(exclude={k for k in ("ts", "msg_id") if f'"{k}"'.encode() not in payload})
+    except protocol.ProtocolError as exc:
+        return ("refused", exc.reason)
+
+
+def test_fast_parse_agrees_with_the_protocol_reference() -> None:
+    """The hub's fast path must accept and refuse exactly what agent.protocol.parse_site_message does."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from hub import ingest
+
+    base = json.loads(status("site-a", 5).to_bytes())
+    values = st.one_of(st.none(), st.integers(-2, 3), st.text(max_size=5), st.booleans(), st.just("site-b"),
+                       st.just([]), st.just({}), st.just("green"), st.just(1.5))
+    topics = st.sampled_from(["edgefleet/v1/sites/site-a/status", "edgefleet/v1/sites/site-b/status",
+                              "edgefleet/v1/sites/site-a/events", "edgefleet/v2/sites/site-a/status",
+                              "edgefleet/v1/sites/site-a/status/x"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(topic=topics, drop=st.sets(st.sampled_from(sorted(base))), change=st.dictionaries(
+        st.sampled_from([*sorted(base), "extra"]), values, max_size=3))
+    def check(topic: str, drop: set[str], change: dict[str, object]) -> None:
+        doc = {k: v for k, v in base.items() if k not in drop}
+        doc.update(change)
+        payload = json.dumps(doc).encode()
+        assert _outcome(ingest.parse, topic, payload) == _outcome(protocol.parse_site_message, topic, payload)
+
+    check()

@@ -27,6 +27,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PeerIdentity(_Section):
+    """Another replica's client certificate, for adopting its session when it dies (hub/replicas.py)."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class MqttConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
@@ -55,6 +62,10 @@ class MqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    #: Replicas behind an mTLS broker with ``use_username_as_clientid`` can only resume a dead peer's
+    #: session with that peer's certificate: client id -> its cert and key. Without an entry, a dead
+    #: peer's share waits at the broker until it returns (logged as an error).
+    peer_identities: dict[str, PeerIdentity] = Field(default_factory=dict)
 
 
 class IngestConfig(_Section):

@@ -54,11 +54,15 @@ def client_id(config: MqttConfig) -> str:
     return config.client_id or f"edgefleet-hub-{socket.gethostname()}"[:64]
 
 
-def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+def tls_context(config: MqttConfig, *, identifier: str | None = None) -> ssl.SSLContext | None:
+    """TLS with our client certificate, or (adopting a dead replica's session) that replica's."""
     if not config.tls:
         return None
     ctx = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
-    if config.cert_file is not None:
+    peer = config.peer_identities.get(identifier) if identifier else None
+    if peer is not None:
+        ctx.load_cert_chain(str(peer.cert_file), str(peer.key_file))
+    elif config.cert_file is not None:
         ctx.load_cert_chain(str(config.cert_file), str(config.key_file) if config.key_file else None)
     return ctx
 
@@ -88,7 +92,7 @@ def make_client(config: MqttConfig, *, identifier: str | None = None) -> aiomqtt
         keepalive=config.keepalive_seconds,
         username=config.username,
         password=config.password.get_secret_value() if config.password else None,
-        tls_context=tls_context(config),
+        tls_context=tls_context(config, identifier=identifier),
         timeout=10.0,
         max_inflight_messages=100,
     )

@@ -50,6 +50,7 @@ async def run(ctx: HubContext, *, pipeline: Ingest, started: datetime) -> None:
     takeover = timedelta(seconds=cfg.replica_takeover_seconds)
     host = socket.gethostname()
     adopted: dict[str, asyncio.Task[None]] = {}
+    unadoptable: set[str] = set()
     try:
         while True:
             try:
@@ -59,6 +60,15 @@ async def run(ctx: HubContext, *, pipeline: Ingest, started: datetime) -> None:
                         ctx.store.claim_dead_replicas, me, group=group, stale_before=utcnow() - takeover
                     )
                     for peer in dead:
+                        if cfg.mqtt.tls and peer not in cfg.mqtt.peer_identities:
+                            if peer not in unadoptable:
+                                unadoptable.add(peer)
+                                log.error(
+                                    "a replica is silent but its session cannot be adopted: no certificate for it "
+                                    "(mqtt.peer_identities); its share waits at the broker until it returns",
+                                    replica=peer,
+                                )
+                            continue
                         if peer not in adopted or adopted[peer].done():
                             adopted[peer] = asyncio.create_task(_adopt(ctx, pipeline, peer), name=f"adopt-{peer}")
             except Exception as exc:  # the store may be briefly unavailable; keep trying

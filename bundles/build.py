@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from bundles import container, content, errors, pack
+from bundles import images as bundle_images
 from bundles.manifest import (
     Compat,
     Component,
@@ -165,6 +166,8 @@ class Profile(_P):
     tiers: dict[int, TierPolicy]
     health_timeout_seconds: int = 300
     components: list[ProfileComponent]
+    #: Image-valued fields of custom resources (docs/images.md), e.g. {kind: Prometheus, path: spec.image}.
+    image_fields: list[bundle_images.ImageField] = Field(default_factory=list)
 
 
 def load_profile(path: Path) -> Profile:
@@ -588,7 +591,9 @@ def build(
     channel: Literal["release", "development"] = "release",
     tools: Tools | None = None,
     level: int = container.ZSTD_LEVEL,
+    images: bundle_images.Options | None = None,
 ) -> BuildResult:
+    """``images``: carry the referenced container images (docs/images.md); None builds without them."""
     prof = load_profile(profile)
     created = created or now_utc()
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
@@ -596,6 +601,14 @@ def build(
             prof, platform=platform, mirror=mirror, work=Path(tmp), tools=tools,
             allow_unrendered=allow_unrendered, prefer_mirror=prefer_mirror,
         )
+        compat, base = prof.compat, None
+        if images is not None:
+            carried = bundle_images.add_images(rendered.components, rendered.sources, fields=prof.image_fields,
+                                               options=images, work=Path(tmp) / "_images")
+            rendered.files.extend(carried.files)
+            rendered.sources.update(carried.sources)
+            compat = Compat(kubernetes=prof.compat.kubernetes, architectures=tuple(images.arches))
+            base = carried.base
         try:
             manifest = Manifest(
                 name=prof.name,
@@ -605,7 +618,8 @@ def build(
                 created=created,
                 expires=expires or created + timedelta(days=prof.expires_days),
                 compression=compression,
-                compat=prof.compat,
+                compat=compat,
+                base=base,
                 files=tuple(rendered.files),
                 components=tuple(rendered.components),
                 tiers=prof.tiers,

@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bundles import build, container, dsse, errors, keys, pack, trust, verify
+from bundles import build, container, dsse, errors, keys, pack, split, trust, verify
+from bundles import images as bundle_images
 from bundles.manifest import Manifest, now_utc
 
 
@@ -93,15 +94,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     chain = [trust.load_root_bytes(Path(p)) for p in args.root_chain]
     for link in chain:
         trust.parse_root(link)
+    image_opts = _image_options(args)
     result = build.build(
         profile=Path(args.profile), platform=platform, mirror=mirror, out=Path(args.out), version=args.version,
         release=args.release, keys=signing, allow_unrendered=args.allow_unrendered,
         prefer_mirror=args.prefer_mirror,
         compression=args.compression, channel=args.channel, level=args.zstd_level,
         expires=now_utc() + timedelta(days=args.expires_days) if args.expires_days else None,
+        images=image_opts,
     )
     if chain:
         pack.attach_chain(result.path, chain)
+    bundle_size = result.path.stat().st_size
+    parts = split.split(result.path, max_part_size=args.max_part_size)
     m = result.manifest
     human = (
         f"built {result.path} ({result.path.stat().st_size} bytes, {m.compression}): {m.label()} release {m.release}, "
@@ -110,9 +115,44 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     if result.needs_helm:
         human += f"\nneeds helm (carried pinned, unrendered): {', '.join(result.needs_helm)}"
+    image_files = [f for f in m.files if f.path.startswith(bundle_images.IMAGES_DIR + "/blobs/")]
+    if image_opts is not None:
+        human += f"\nimages: {len(image_files)} blobs, {sum(f.size for f in image_files)} bytes"
+        if m.base is not None:
+            human += f" (delta on {m.base.name}-{m.base.version} release {m.base.release})"
+    elif not args.without_images and any(c.images for c in m.components):
+        refs = sorted({i for c in m.components for i in c.images})
+        print(f"edgefleet-bundle: note: {len(refs)} container image(s) referenced but not carried "
+              "(no --images-from; --without-images silences this)", file=sys.stderr)
+    if len(parts) > 1:
+        human += (f"\nsplit into {len(parts) - 1} parts of at most {args.max_part_size} bytes "
+                  f"({result.path} is the index)")
     _out(args, {"path": str(result.path), "objects": result.object_count, "signatures": len(signing),
-                **_summary(m)}, human)
+                "bundleBytes": bundle_size, "parts": [str(p) for p in parts[1:]],
+                "imageBlobs": len(image_files), **_summary(m)}, human)
     return 0
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4000M, 2G)") from None
+
+
+def _image_options(args: argparse.Namespace) -> bundle_images.Options | None:
+    if args.images_from and args.without_images:
+        raise errors.UsageError("--images-from and --without-images exclude each other")
+    if args.base and not args.images_from:
+        raise errors.UsageError("--base makes a delta of the image blobs: it needs --images-from")
+    if not args.images_from:
+        return None
+    arches = tuple(args.arch) if args.arch else build.load_profile(Path(args.profile)).compat.architectures
+    return bundle_images.Options(source=args.images_from, arches=arches, base=Path(args.base) if args.base else None,
+                                 registry_tls_verify=not args.registry_insecure)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -274,6 +314,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--expires-days", type=int, help="override the profile's expiry")
     s.add_argument("--root-chain", action="append", default=[],
                    help="root rotation link to ship (repeatable, in order)")
+    s.add_argument("--images-from", metavar="oci:DIR|registry",
+                   help="carry the referenced container images, from an OCI layout or (skopeo) their registries")
+    s.add_argument("--without-images", action="store_true", help="build without container images (the default)")
+    s.add_argument("--arch", action="append", default=[],
+                   help="bundle architecture (repeatable; default: the profile's); images are filtered to it")
+    s.add_argument("--base", metavar="OLD.efb", help="delta bundle: leave out image blobs OLD.efb carries")
+    s.add_argument("--registry-insecure", action="store_true",
+                   help="--images-from registry: plain HTTP / no TLS verification for the source registries")
+    s.add_argument("--max-part-size", type=_size, default=split.DEFAULT_MAX_PART,
+                   help="split the bundle into parts of at most this size (default just under 4 GiB, FAT32)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("sign", parents=[common], help="add signatures to a bundle (or to a root.json)")

@@ -229,6 +229,30 @@ class KeyInvalid(BundleError):
     exit_code = 42
 
 
+# --- images, deltas, split bundles (docs/images.md) ----------------------------------------------
+
+
+class BaseMissing(BundleError):
+    """A delta bundle's base bundle is not in this site's store (the message names it)."""
+
+    reason = "base-missing"
+    exit_code = 43
+
+
+class PartMissing(BundleError):
+    """A part of a split bundle is missing (the message names it)."""
+
+    reason = "part-missing"
+    exit_code = 44
+
+
+class PartDamaged(BundleError):
+    """A part of a split bundle has the wrong size or sha256 (the message names it)."""
+
+    reason = "part-damaged"
+    exit_code = 45
+
+
 ALL: tuple[type[BundleError], ...] = (
     UsageError,
     EnvelopeTooLarge,
@@ -261,4 +285,7 @@ ALL: tuple[type[BundleError], ...] = (
     StoreError,
     BuildError,
     KeyInvalid,
+    BaseMissing,
+    PartMissing,
+    PartDamaged,
 )

@@ -62,7 +62,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from bundles import container, dsse, errors, trust
+from bundles import container, delta, dsse, errors, split, trust
 from bundles.manifest import PAYLOAD_TYPE, Manifest, check_path, loads_strict, now_utc, parse_manifest
 from bundles.trust import TrustRoot
 
@@ -253,6 +253,9 @@ def _open(path: Path) -> BinaryIO:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise errors.Unreadable(f"{path} is not a regular file")
+    if st.st_size < 4 << 20 and split.is_index(os.pread(fd, 64, 0)):  # a split bundle (docs/images.md)
+        os.close(fd)
+        return split.open_parts(path)  # type: ignore[return-value]  # a read-only sequential BinaryIO
     return os.fdopen(fd, "rb", buffering=0)
 
 
@@ -360,6 +363,8 @@ def _run(path: Path, *, checks: _Checks, sink: _Stager | None) -> Verified:
         if manifest.channel != role:  # unreachable unless two JSON readers disagree; belt and braces
             raise errors.SignatureInvalid("manifest channel does not match the signing role")
         check_manifest_policy(manifest, checks)
+        if sink is not None and manifest.base is not None:
+            delta.find_base(manifest, sink.store)  # a delta needs its base here (errors.BaseMissing)
         if manifest.compression != compression:
             raise errors.WrongCompression(
                 f"manifest declares {manifest.compression} but the container is {compression}"

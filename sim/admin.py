@@ -18,7 +18,9 @@ class AdminError(RuntimeError):
 
 def request(kubeconfig_path: Path, method: str, path: str, *, timeout: float = 10.0) -> dict[str, Any]:
     url, token, ca = kubeconfig.read_server(kubeconfig_path)
-    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)
+    if not url.startswith(("http://", "https://")):
+        raise AdminError(f"kubeconfig server is not an http(s) URL: {url!r}")
+    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None)  # noqa: S310
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     ctx = ssl.create_default_context(cadata=ca) if ca else None

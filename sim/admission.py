@@ -64,7 +64,7 @@ def _priority(api: ApiServer, spec: dict[str, Any], name: str) -> None:
         spec["priority"] = int(pc.get("value", 0))
         spec.setdefault("preemptionPolicy", pc.get("preemptionPolicy", "PreemptLowerPriority"))
         return
-    for pc in api.list(("scheduling.k8s.io", "priorityclasses")):
+    for pc in api.list_objects(("scheduling.k8s.io", "priorityclasses")):
         if pc.get("globalDefault"):
             spec["priorityClassName"] = pc["metadata"]["name"]
             spec["priority"] = int(pc.get("value", 0))

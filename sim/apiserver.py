@@ -36,7 +36,11 @@ class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads a bare ``=`` as the string "=" (as Go YAML does; see the platform README)."""
 
 
-_YamlLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+def _value_as_string(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    return str(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:value", _value_as_string)
 
 
 def parse_body(body: bytes) -> Any:
@@ -68,8 +72,8 @@ class ApiServer:
         e = self.store.get(key, namespace, name)
         return e.obj if e else None
 
-    def list(self, key: Key, namespace: str = "") -> list[dict[str, Any]]:
-        return [e.obj for e in self.store.list(key, namespace)]
+    def list_objects(self, key: Key, namespace: str = "") -> list[dict[str, Any]]:
+        return [e.obj for e in self.store.select(key, namespace)]
 
     def require(self, res: resources.Resource, namespace: str, name: str) -> Entry:
         e = self.store.get(res.storage_key, namespace if res.namespaced else "", name)
@@ -171,9 +175,11 @@ class ApiServer:
             managed.track_update(None, obj, manager=manager, api_version=res.api_version,
                                  reset=self._reset(res, ""))
         if dry_run:
-            return obj
+            preview: dict[str, Any] = obj
+            return preview
         entry = self.store.put(res.storage_key, obj)
-        return entry.obj
+        created: dict[str, Any] = entry.obj
+        return created
 
     # --- update ------------------------------------------------------------------------------------------------
     def _commit(
@@ -399,9 +405,9 @@ class ApiServer:
                                                                                    30)
             if (obj.get("spec") or {}).get("nodeName") and pod_grace and pod_grace > 0 \
                     and (obj.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-                if meta.get("deletionTimestamp"):
-                    if grace is None or grace >= (meta.get("deletionGracePeriodSeconds") or 0):
-                        return obj, False
+                if meta.get("deletionTimestamp") and (
+                        grace is None or grace >= (meta.get("deletionGracePeriodSeconds") or 0)):
+                    return obj, False
                 meta.setdefault("deletionTimestamp", now_iso())
                 meta["deletionGracePeriodSeconds"] = int(pod_grace)
                 meta["finalizers"] = finalizers or meta.get("finalizers")
@@ -456,7 +462,7 @@ class ApiServer:
         if not uid:
             return []
         out = []
-        for key in self.store.keys():
+        for key in self.store.kinds():
             for entry in self.store.iter(key):
                 if entry.raw.find(uid.encode()) < 0:
                     continue
@@ -478,7 +484,7 @@ class ApiServer:
             pass
 
     def _uid_exists(self, uid: str) -> bool:
-        for key in self.store.keys():
+        for key in self.store.kinds():
             for entry in self.store.iter(key):
                 if (entry.obj.get("metadata") or {}).get("uid") == uid if len(entry.raw) < 65536 else False:
                     return True
@@ -486,7 +492,7 @@ class ApiServer:
 
     def foreground_step(self) -> None:
         """Finish foreground deletions whose dependents are gone; delete dependents of the others."""
-        for key in self.store.keys():
+        for key in self.store.kinds():
             for entry in self.store.iter(key):
                 if b'"foregroundDeletion"' not in entry.raw:
                     continue
@@ -537,7 +543,7 @@ class ApiServer:
                                            "inconsistent list - objects that were created, modified, or deleted "
                                            "between the time the first chunk was returned and now may show up in "
                                            "the list.", reason="Expired")
-        entries = self.store.list(res.storage_key, namespace if res.namespaced else "")
+        entries = self.store.select(res.storage_key, namespace if res.namespaced else "")
         if labels or fields:
             entries = [e for e in entries if _matches(e, labels, fields)]
         if start:

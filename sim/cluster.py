@@ -16,6 +16,7 @@ again). ``restore`` brings either back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -156,10 +157,8 @@ class Cluster:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await t
-            except asyncio.CancelledError:
-                pass
         for h in [*self._timers, *self._pod_timers.values(), *self._evictions.values(), *self._crd_timers.values()]:
             h.cancel()
         self.store.close_watchers()
@@ -253,7 +252,7 @@ class Cluster:
         node_obj = self.api.get(("", "nodes"), "", node.name)
         owner = [{"apiVersion": "v1", "kind": "Node", "name": node.name,
                   "uid": node_obj["metadata"]["uid"]}] if node_obj else []
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        lease: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": node.name, "namespace": "kube-node-lease", "ownerReferences": owner},
                  "spec": {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": micro_now()}}
         if existing is None:
@@ -423,7 +422,7 @@ class Cluster:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3) if lat else None
 
-        objects = sum(self.store.count(k) for k in self.store.keys())
+        objects = sum(self.store.count(k) for k in self.store.kinds())
         return {"nodes": {n.name: {"state": n.state, "ready": n.ready, "server": n.server}
                           for n in self.nodes.values()},
                 "speed": self.clock.speed, "resourceVersion": self.store.rv, "objects": objects,
@@ -482,10 +481,9 @@ class Cluster:
             {"type": t, "status": "True", "lastProbeTime": None, "lastTransitionTime": now}
             for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")]
         self.api.update(self.res("", "pods"), ns, name, new, manager="k3s", subresource="status")
-        owner = next((o for o in pod["metadata"].get("ownerReferences") or [] if o.get("kind") == "Job"), None)
-        if owner is not None or (pod["spec"].get("restartPolicy") == "Never" and not owner):
-            if owner is not None:
-                self.later(self.timing.job_duration, self._complete_pod, key, uid)
+        # Job pods run to completion; other containers are modelled as long-running servers.
+        if any(o.get("kind") == "Job" for o in pod["metadata"].get("ownerReferences") or []):
+            self.later(self.timing.job_duration, self._complete_pod, key, uid)
 
     def _complete_pod(self, key: str, uid: str) -> None:
         ns, name = key.split("/", 1)
@@ -599,7 +597,7 @@ class Cluster:
     def _on_removed(self, event: str, res: resources.Resource, obj: dict[str, Any]) -> None:
         if res.kind == "CustomResourceDefinition" and not res.custom:
             name = obj["metadata"]["name"]
-            for r in self.registry.all_resources():
+            for _r in self.registry.all_resources():
                 pass
             self.registry.remove_crd(name)
             spec = obj.get("spec") or {}
@@ -741,7 +739,7 @@ class Cluster:
         res = self.res("", "pods")
         pod = self.api.require(res, ns, name).obj
         labels = pod["metadata"].get("labels") or {}
-        for pdb in self.api.list(("policy", "poddisruptionbudgets"), ns):
+        for pdb in self.api.list_objects(("policy", "poddisruptionbudgets"), ns):
             reqs = selectors.from_label_selector((pdb.get("spec") or {}).get("selector"))
             if reqs is None or not selectors.match_labels(reqs, labels):
                 continue

@@ -7,6 +7,7 @@ reconcile that changes nothing writes nothing, so the loop settles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -171,7 +172,7 @@ class Controllers:
 
     def _owned(self, key: tuple[str, str], ns: str, uid: str) -> list[dict[str, Any]]:
         out = []
-        for e in self.c.store.list(key, ns):
+        for e in self.c.store.select(key, ns):
             if uid.encode() in e.raw:
                 refs = e.obj["metadata"].get("ownerReferences") or []
                 if any(r.get("uid") == uid and r.get("controller") for r in refs):
@@ -238,10 +239,8 @@ class Controllers:
                                  "namespace": meta.get("namespace"), "uid": meta.get("uid")},
               "reason": reason, "message": message, "type": etype, "count": 1, "firstTimestamp": now,
               "lastTimestamp": now, "source": {"component": "k3s"}, "reportingComponent": "k3s"}
-        try:
+        with contextlib.suppress(errors.ApiError):
             self.api.create(self.c.res("", "events"), ns, ev, manager="", internal=True)
-        except errors.ApiError:
-            pass
 
     # --- namespaces --------------------------------------------------------------------------------------------
     def _sync_namespace(self, _: str, name: str) -> None:
@@ -253,13 +252,11 @@ class Controllers:
             for res in self.c.registry.all_resources():
                 if not res.namespaced or res.version != self.c.registry.group_versions(res.group)[0]:
                     continue
-                for e in self.c.store.list(res.storage_key, name):
+                for e in self.c.store.select(res.storage_key, name):
                     remaining += 1
                     if not (e.obj.get("metadata") or {}).get("deletionTimestamp"):
-                        try:
+                        with contextlib.suppress(errors.ApiError):
                             self.api.delete(res, name, e.name)
-                        except errors.ApiError:
-                            pass
             if remaining == 0:
                 self.api.store.delete(("", "namespaces"), "", name)
             return
@@ -301,9 +298,9 @@ class Controllers:
 
     # --- PDB status --------------------------------------------------------------------------------------------
     def _sync_pdb(self, ns: str, _: str) -> None:
-        for pdb in self.api.list(("policy", "poddisruptionbudgets"), ns):
+        for pdb in self.api.list_objects(("policy", "poddisruptionbudgets"), ns):
             reqs = selectors.from_label_selector((pdb.get("spec") or {}).get("selector"))
-            pods = [p for p in self.api.list(("", "pods"), ns)
+            pods = [p for p in self.api.list_objects(("", "pods"), ns)
                     if reqs is not None and selectors.match_labels(reqs, p["metadata"].get("labels"))
                     and is_active(p)]
             healthy = sum(1 for p in pods if is_ready(p))
@@ -579,10 +576,10 @@ class Controllers:
             by_node.setdefault(node, []).append(p)
         desired = 0
         eligible_nodes = []
-        for node in self.api.list(("", "nodes")):
-            nname = node["metadata"]["name"]
+        for node_obj in self.api.list_objects(("", "nodes")):
+            nname = node_obj["metadata"]["name"]
             has_pod = any(is_active(p) for p in by_node.get(nname, []))
-            if self.c.scheduler.daemon_eligible(template, node, running=has_pod):
+            if self.c.scheduler.daemon_eligible(template, node_obj, running=has_pod):
                 desired += 1
                 eligible_nodes.append(nname)
                 active = [p for p in by_node.get(nname, []) if is_active(p)]

@@ -387,10 +387,7 @@ class Handlers:
         raw = await request.read()
         if raw:
             try:
-                if raw.startswith(protobuf.MAGIC):
-                    parsed = protobuf.decode(raw)
-                else:
-                    parsed = json.loads(raw)
+                parsed = protobuf.decode(raw) if raw.startswith(protobuf.MAGIC) else json.loads(raw)
             except (ValueError, protobuf.ProtobufError) as exc:
                 raise errors.bad_request(f"invalid DeleteOptions: {exc}") from exc
             if isinstance(parsed, dict):

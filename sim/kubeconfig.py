@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,6 +41,6 @@ def read_server(path: Path) -> tuple[str, str | None, str | None]:
     ctx_name = doc.get("current-context")
     ctx = next(c["context"] for c in doc["contexts"] if c["name"] == ctx_name)
     cluster = next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"])
-    user = next((u["user"] for u in doc.get("users") or [] if u["name"] == ctx.get("user")), {}) or {}
+    user: dict[str, Any] = next((u["user"] for u in doc.get("users") or [] if u["name"] == ctx.get("user")), {}) or {}
     ca = cluster.get("certificate-authority-data")
     return cluster["server"], user.get("token"), base64.b64decode(ca).decode() if ca else None

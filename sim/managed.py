@@ -321,7 +321,8 @@ def apply(
     mine.time = _now()
     mine.api_version = api_version
     merged.setdefault("metadata", {})["managedFields"] = write(entries)
-    return merged
+    result: dict[str, Any] = merged
+    return result
 
 
 def track_update(

@@ -146,7 +146,8 @@ def _crd_doc(cluster: Cluster, group: str, version: str) -> bytes:
         crd = cluster.api.get(("apiextensions.k8s.io", "customresourcedefinitions"), "", f"{res.plural}.{group}")
         if crd is None:
             continue
-        ver = next((v for v in (crd.get("spec") or {}).get("versions") or [] if v.get("name") == version), {})
+        versions = (crd.get("spec") or {}).get("versions") or []
+        ver: dict[str, Any] = next((v for v in versions if v.get("name") == version), {})
         schema = dict(((ver.get("schema") or {}).get("openAPIV3Schema")) or {"type": "object"})
         schema["x-kubernetes-group-version-kind"] = [{"group": group, "version": version, "kind": res.kind}]
         props = dict(schema.get("properties") or {})

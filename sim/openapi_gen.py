@@ -16,7 +16,7 @@ from typing import Any
 from sim import resources
 
 OUT = Path(__file__).with_name("openapi_data") / "builtin.json"
-_PRIM = {"str": {"type": "string"}, "int": {"type": "integer", "format": "int32"},
+_PRIM: dict[str, dict[str, Any]] = {"str": {"type": "string"}, "int": {"type": "integer", "format": "int32"},
          "float": {"type": "number", "format": "double"}, "bool": {"type": "boolean"},
          "datetime": {"type": "string", "format": "date-time"}, "date": {"type": "string", "format": "date"},
          "object": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}

@@ -147,9 +147,8 @@ def json_patch(doc: Any, ops: Any) -> Any:
             raise PatchError("invalid json patch operation")
         kind = op["op"]
         parts = _pointer(op.get("path", ""))
-        if kind in ("add", "replace", "test"):
-            if "value" not in op:
-                raise PatchError(f"missing value for {kind} operation")
+        if kind in ("add", "replace", "test") and "value" not in op:
+            raise PatchError(f"missing value for {kind} operation")
         if kind == "test":
             if _walk(doc, parts) != op["value"]:
                 raise PatchError(f"testing value {op.get('path')} failed")

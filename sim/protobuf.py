@@ -33,7 +33,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
 
 def fields(buf: bytes) -> list[tuple[int, int, Any]]:
     """(field number, wire type, value) triples; length-delimited values stay bytes."""
-    out = []
+    out: list[tuple[int, int, Any]] = []
     i = 0
     while i < len(buf):
         key, i = _varint(buf, i)

@@ -29,4 +29,4 @@ def fmt_memory(num_bytes: float) -> str:
 
 
 def fmt_cpu(cores: float) -> str:
-    return str(int(cores)) if cores == int(cores) else f"{int(round(cores * 1000))}m"
+    return str(int(cores)) if cores == int(cores) else f"{round(cores * 1000)}m"

@@ -219,7 +219,7 @@ class Scheduler:
 
     def run(self) -> None:
         pods = [e.obj for e in self.c.store.iter(("", "pods"))]
-        nodes = {n["metadata"]["name"]: n for n in self.c.api.list(("", "nodes"))}
+        nodes = {n["metadata"]["name"]: n for n in self.c.api.list_objects(("", "nodes"))}
         used = self._usage(pods)
         pending = [p for p in pods if not (p.get("spec") or {}).get("nodeName")
                    and not p["metadata"].get("deletionTimestamp")

@@ -106,12 +106,9 @@ class Store:
     def get(self, key: Key, namespace: str, name: str) -> Entry | None:
         return self._data[key].get((namespace, name))
 
-    def list(self, key: Key, namespace: str = "") -> list[Entry]:
+    def select(self, key: Key, namespace: str = "") -> list[Entry]:
         items = self._data[key]
-        if namespace:
-            entries = [e for (ns, _), e in items.items() if ns == namespace]
-        else:
-            entries = list(items.values())
+        entries = [e for (ns, _), e in items.items() if ns == namespace] if namespace else list(items.values())
         entries.sort(key=lambda e: (e.namespace, e.name))
         return entries
 
@@ -121,7 +118,7 @@ class Store:
     def count(self, key: Key) -> int:
         return len(self._data[key])
 
-    def keys(self) -> list[Key]:
+    def kinds(self) -> list[Key]:
         return [k for k, v in self._data.items() if v]
 
     # --- writes ------------------------------------------------------------------------------------------------
@@ -177,7 +174,7 @@ class Store:
         """Register a watcher. ``since=None`` starts with ADDED events for the current state."""
         w = Watcher(key=key, namespace=namespace, match=match)
         if since is None:
-            for e in self.list(key, namespace):
+            for e in self.select(key, namespace):
                 if match(e):
                     w.queue.put_nowait(("ADDED", e))
         else:

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-
 from sim_helpers import Kubectl
 
 DEPLOY = """

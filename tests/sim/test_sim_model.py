@@ -21,7 +21,7 @@ def create(site: sim.testing.Site, group: str, plural: str, obj: dict[str, Any],
 
 
 def pods(site: sim.testing.Site, selector: Callable[[dict[str, Any]], bool] = lambda p: True) -> list[dict[str, Any]]:
-    return [p for p in site.cluster.api.list(("", "pods")) if selector(p)]
+    return [p for p in site.cluster.api.list_objects(("", "pods")) if selector(p)]
 
 
 def labelled(app: str) -> Callable[[dict[str, Any]], bool]:

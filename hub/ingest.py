@@ -287,6 +287,10 @@ async def run(ctx: HubContext, *, pipeline: Ingest | None = None) -> None:
                 delay = 0.5
             except aiomqtt.MqttError as exc:
                 log.warning("broker connection lost", error=str(exc)[:200], retry_in=round(delay, 2))
+            except Exception as exc:  # never let one odd failure end ingest for good
+                log.error(
+                    "ingest connection failed", error=f"{type(exc).__name__}: {exc}"[:300], retry_in=round(delay, 2)
+                )
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, ctx.config.mqtt.reconnect_max_seconds)
     finally:

@@ -11,6 +11,7 @@ import socket
 import ssl
 
 import aiomqtt
+from paho.mqtt import client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -87,7 +88,8 @@ def make_client(config: MqttConfig, *, identifier: str | None = None) -> aiomqtt
         identifier=identifier or client_id(config),
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         clean_session=None if v5 else False,
-        clean_start=False,
+        # paho refuses clean_start on 3.1.1 (clean_session=False does the job there).
+        clean_start=False if v5 else paho_client.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
         keepalive=config.keepalive_seconds,
         username=config.username,

@@ -91,6 +91,8 @@ async def _adopt(ctx: HubContext, pipeline: Ingest, peer: str) -> None:
             await pipeline.connection(identifier=peer)
         except aiomqtt.MqttError as exc:
             log.info("adopted session disconnected", replica=peer, error=str(exc)[:200])
+        except Exception as exc:  # keep trying while we hold the claim
+            log.error("adopted session failed", replica=peer, error=f"{type(exc).__name__}: {exc}"[:300])
         holder = await asyncio.to_thread(ctx.store.replica_adopted_by, peer, stale_before=utcnow() - takeover)
         if holder != me:
             log.info("replica is back (or adopted elsewhere); released its session", replica=peer)

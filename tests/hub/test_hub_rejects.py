@@ -97,15 +97,33 @@ def test_fast_parse_agrees_with_the_protocol_reference() -> None:
     from hub import ingest
 
     base = json.loads(status("site-a", 5).to_bytes())
-    values = st.one_of(st.none(), st.integers(-2, 3), st.text(max_size=5), st.booleans(), st.just("site-b"),
-                       st.just([]), st.just({}), st.just("green"), st.just(1.5))
-    topics = st.sampled_from(["edgefleet/v1/sites/site-a/status", "edgefleet/v1/sites/site-b/status",
-                              "edgefleet/v1/sites/site-a/events", "edgefleet/v2/sites/site-a/status",
-                              "edgefleet/v1/sites/site-a/status/x"])
+    values = st.one_of(
+        st.none(),
+        st.integers(-2, 3),
+        st.text(max_size=5),
+        st.booleans(),
+        st.just("site-b"),
+        st.just([]),
+        st.just({}),
+        st.just("green"),
+        st.just(1.5),
+    )
+    topics = st.sampled_from(
+        [
+            "edgefleet/v1/sites/site-a/status",
+            "edgefleet/v1/sites/site-b/status",
+            "edgefleet/v1/sites/site-a/events",
+            "edgefleet/v2/sites/site-a/status",
+            "edgefleet/v1/sites/site-a/status/x",
+        ]
+    )
 
     @settings(max_examples=300, deadline=None)
-    @given(topic=topics, drop=st.sets(st.sampled_from(sorted(base))), change=st.dictionaries(
-        st.sampled_from([*sorted(base), "extra"]), values, max_size=3))
+    @given(
+        topic=topics,
+        drop=st.sets(st.sampled_from(sorted(base))),
+        change=st.dictionaries(st.sampled_from([*sorted(base), "extra"]), values, max_size=3),
+    )
     def check(topic: str, drop: set[str], change: dict[str, object]) -> None:
         doc = {k: v for k, v in base.items() if k not in drop}
         doc.update(change)

@@ -72,9 +72,12 @@ def test_history_downsampling_keeps_changes_and_one_per_bucket(db_url: str) -> N
         assert sum(1 for r in old if r.changed) == 2
         assert deleted == 61 - len(old)
         # Idempotent: a second sweep deletes nothing more.
-        assert store.downsample_history(
-            full_resolution=day, bucket=timedelta(minutes=15), retention=timedelta(days=90), now=now
-        ) == 0
+        assert (
+            store.downsample_history(
+                full_resolution=day, bucket=timedelta(minutes=15), retention=timedelta(days=90), now=now
+            )
+            == 0
+        )
     finally:
         store.close()
 

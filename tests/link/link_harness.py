@@ -51,7 +51,8 @@ def load_fleetca() -> ModuleType:
 @dataclass
 class PKI:
     dir: Path
-    ca: Path
+    ca: Path  # the fleet CA: sites and the broker (clients of both listeners verify the broker with it)
+    hub_ca: Path
     broker: tuple[Path, Path]
     clients: dict[str, tuple[Path, Path]]
 
@@ -60,13 +61,15 @@ class PKI:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     fleetca = load_fleetca()
     base = tmp_path_factory.mktemp("pki")
-    fleetca.init_ca(base / "ca")
-    broker = fleetca.issue(base / "ca", cn="broker", kind="broker", sans=("127.0.0.1", "localhost"),
+    fleetca.init_ca(base / "fleet-ca")
+    fleetca.init_ca(base / "hub-ca", name="edgefleet hub CA")
+    broker = fleetca.issue(base / "fleet-ca", cn="broker", kind="broker", sans=("127.0.0.1", "localhost"),
                            out_dir=base / "broker")
-    clients = {hub: fleetca.issue(base / "ca", cn=hub, kind="hub", out_dir=base / hub) for hub in (HUB, HUB2)}
+    clients = {hub: fleetca.issue(base / "hub-ca", cn=hub, kind="hub", out_dir=base / hub) for hub in (HUB, HUB2)}
     for site in (*SITES, "site-c"):
-        clients[site] = fleetca.issue(base / "ca", cn=site, kind="site", out_dir=base / site)
-    return PKI(dir=base, ca=base / "ca" / "ca.crt", broker=broker, clients=clients)
+        clients[site] = fleetca.issue(base / "fleet-ca", cn=site, kind="site", out_dir=base / site)
+    return PKI(dir=base, ca=base / "fleet-ca" / "ca.crt", hub_ca=base / "hub-ca" / "ca.crt", broker=broker,
+               clients=clients)
 
 
 def free_port() -> int:
@@ -81,27 +84,33 @@ class Broker:
 
     workdir: Path
     pki: PKI
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # the sites listener
+    hub_port: int = field(default_factory=free_port)  # the hub listener
     proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> Path:
+        """The shipped config with its paths and ports replaced (the rest verbatim)."""
+        etc = "/etc/mosquitto/edgefleet/"
         replacements = {
-            "acl_file": f"acl_file {DEPLOY / 'acl'}",
-            "persistence_location": f"persistence_location {self.workdir}/",
-            "listener": f"listener {self.port} 127.0.0.1",
-            "cafile": f"cafile {self.pki.ca}",
-            "certfile": f"certfile {self.pki.broker[0]}",
-            "keyfile": f"keyfile {self.pki.broker[1]}",
-            "log_dest": f"log_dest file {self.workdir}/mosquitto.log",
+            f"{etc}fleet-ca.crt": str(self.pki.ca),
+            f"{etc}hub-ca.crt": str(self.pki.hub_ca),
+            f"{etc}broker.crt": str(self.pki.broker[0]),
+            f"{etc}broker.key": str(self.pki.broker[1]),
+            f"{etc}acl-sites": str(DEPLOY / "acl-sites"),
+            f"{etc}acl-hub": str(DEPLOY / "acl-hub"),
+            "persistence_location /var/lib/mosquitto/": f"persistence_location {self.workdir}/",
+            "listener 8883": f"listener {self.port} 127.0.0.1",
+            "listener 8884": f"listener {self.hub_port} 127.0.0.1",
+            "log_dest stdout": f"log_dest file {self.workdir}/mosquitto.log",
         }
-        lines = []
-        for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
-            key = line.split(" ", 1)[0]
-            lines.append(replacements.get(key, line))
+        text = (DEPLOY / "mosquitto.conf").read_text()
+        for old, new in replacements.items():
+            assert old in text, old
+            text = text.replace(old, new)
         if os.geteuid() == 0:
-            lines.append("user root")  # keep access to the 0600 test keys
+            text += "\nuser root\n"  # keep access to the 0600 test keys
         path = self.workdir / "mosquitto.conf"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(text)
         return path
 
     def start(self) -> None:
@@ -114,7 +123,7 @@ class Broker:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 log = (self.workdir / "mosquitto.log").read_text() if (self.workdir / "mosquitto.log").exists() else ""
                 raise RuntimeError(f"mosquitto exited: {err} {log[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.hub_port), timeout=0.2):
                 return
             time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
@@ -155,10 +164,12 @@ def tls_context(pki: PKI, name: str) -> ssl.SSLContext:
 
 
 def mqtt_client(broker: Broker, name: str, *, persistent: bool = False, **kwargs: Any) -> aiomqtt.Client:
-    """A test-side client (hub or rogue site) with ``name``'s certificate."""
+    """A test-side client with ``name``'s certificate: hub names on the hub listener, sites on the sites one."""
     extra: dict[str, Any] = {"clean_session": False} if persistent else {}
+    port = broker.hub_port if name.endswith(".edgefleet") else broker.port
     return aiomqtt.Client(
-        "127.0.0.1", broker.port, identifier=name, tls_context=tls_context(broker.pki, name), **extra, **kwargs
+        "127.0.0.1", port, identifier=kwargs.pop("identifier", name), tls_context=tls_context(broker.pki, name),
+        **extra, **kwargs,
     )
 
 

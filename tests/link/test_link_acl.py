@@ -96,6 +96,13 @@ async def test_client_without_fleet_certificate_is_refused(broker: Broker, pki: 
     with pytest.raises(aiomqtt.MqttError):  # and no plain TCP at all
         async with aiomqtt.Client("127.0.0.1", broker.port, timeout=2):
             pass
+    # Each listener takes only its own CA's certificates: no site on the hub listener, no hub on the sites one.
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", broker.hub_port, tls_context=tls_context(pki, "site-a"), timeout=2):
+            pass
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", broker.port, tls_context=tls_context(pki, HUB), timeout=2):
+            pass
 
 
 async def test_site_cannot_take_over_another_sites_session(broker: Broker) -> None:
@@ -122,3 +129,21 @@ def test_fleetca_refuses_bad_identities(tmp_path: Path) -> None:
                          "--out", str(tmp_path / "o")]) == 4
     with pytest.raises(fleetca.CAError):  # no silent overwrite of the CA key
         fleetca.init_ca(tmp_path / "ca")
+
+
+async def test_hub_replicas_choose_their_client_ids(broker: Broker) -> None:
+    """A hub replica adopts a dead replica's session by its client id (hub/replicas.py): the hub
+    listener must not force client id = CN, and two connections of one identity coexist."""
+    collector = Collector()
+    async with mqtt_client(broker, HUB, identifier="edgefleet-hub-a") as first, \
+            mqtt_client(broker, HUB, identifier="edgefleet-hub-b") as second:
+        await first.subscribe(f"{protocol.TOPIC_ROOT}/+/events", qos=1)
+        await second.subscribe(f"{protocol.TOPIC_ROOT}/+/events", qos=1)
+        async with mqtt_client(broker, "site-a") as site:
+            await site.publish(protocol.topic("site-a", protocol.Channel.EVENTS), _event("site-a", 1, "x"), qos=1)
+        for client in (first, second):
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    collector.raw.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+                    break
+    assert len(collector.raw) == 2

@@ -205,6 +205,16 @@ class LinkConfig(_Section):
     fetch_timeout_seconds: float = Field(default=3600.0, gt=0)
     fetch_ca: Path | None = None
 
+    @model_validator(mode="after")
+    def _consistent(self) -> LinkConfig:
+        if self.backoff_min_seconds > self.backoff_max_seconds:
+            raise ValueError("backoff_min_seconds must not exceed backoff_max_seconds")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (the site's client certificate and its key)")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca (the fleet CA that signed the broker's certificate)")
+        return self
+
 
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(

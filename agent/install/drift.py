@@ -21,6 +21,7 @@ live replica count (render.keep_live_replicas), so supervisor and degradation ne
 
 from __future__ import annotations
 
+import base64
 import time
 from collections import Counter
 from typing import Any
@@ -61,7 +62,19 @@ def contains(want: Any, have: Any) -> bool:
     return bool(want == have)
 
 
+def _as_stored(desired: dict[str, Any]) -> dict[str, Any]:
+    """What the API server stores for ``desired``: a Secret's ``stringData`` becomes base64 ``data``."""
+    string_data = desired.get("stringData")
+    if desired.get("kind") != "Secret" or not isinstance(string_data, dict):
+        return desired
+    data = dict(desired.get("data") or {})
+    for key, value in string_data.items():
+        data[key] = base64.b64encode(str(value).encode()).decode()
+    return {**{k: v for k, v in desired.items() if k != "stringData"}, "data": data}
+
+
 def differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    desired = _as_stored(desired)
     for key, value in desired.items():
         if key in ("apiVersion", "kind", "status"):
             continue
@@ -198,11 +211,12 @@ class Supervisor:
         """One component at a time; a component's objects are parsed only if something changed."""
         repaired: list[str] = []
         kinds_fixed: Counter[str] = Counter()
+        versions: dict[str, str] = {}  # one metadata LIST per kind for the whole bundle
+        for api_version, kind in sorted({k for u in spec.units for k in u.kinds}):
+            versions.update(await self._versions(api_version, kind, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
+                            or {})
         for unit in spec.units:
             selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY},{model.LABEL_COMPONENT}={unit.name}"
-            versions: dict[str, str] = {}
-            for api_version, kind in sorted(unit.kinds):
-                versions.update(await self._versions(api_version, kind, selector) or {})
             suspect = [k for k in unit.keys if k not in versions or versions[k] != self.verified.get(k)]
             if not suspect:
                 continue

@@ -140,6 +140,12 @@ async def run(ctx: AgentContext) -> None:
     if not cfg.enabled:
         log.info("link disabled in config; events stay in the outbox")
         await asyncio.Future()  # run forever (until cancelled) like every other task
+    if cfg.tls_ca is None and cfg.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "link to a remote broker without TLS: site traffic can be read and forged on the way "
+            "(commands still need the hub signature); set link.tls_ca, tls_cert, tls_key",
+            host=cfg.host,
+        )
     running: set[asyncio.Task[Any]] = set()
     try:
         async with asyncio.TaskGroup() as group:

@@ -8,7 +8,6 @@ behave the same whoever writes. Every mutation is synchronous (single event loop
 from __future__ import annotations
 
 import base64
-import copy
 import datetime
 import json
 import uuid
@@ -141,7 +140,7 @@ class ApiServer:
         dry_run: bool = False,
         internal: bool = False,
     ) -> dict[str, Any]:
-        obj = self._check_type(res, copy.deepcopy(obj))
+        obj = self._check_type(res, obj if internal else _clone(obj))
         meta = obj.setdefault("metadata", {})
         if res.namespaced:
             body_ns = meta.get("namespace")
@@ -207,7 +206,7 @@ class ApiServer:
         if subresource == "status":
             status = new.get("status")
             keep_meta = meta
-            new = {k: copy.deepcopy(v) for k, v in old_obj.items() if k != "status"}
+            new = {k: _clone(v) for k, v in old_obj.items() if k != "status"}
             new["metadata"] = dict(new.get("metadata") or {})
             new["metadata"]["managedFields"] = keep_meta.get("managedFields", old_meta.get("managedFields"))
             if status is not None:
@@ -215,7 +214,7 @@ class ApiServer:
             meta = new["metadata"]
         elif "status" in reset:
             if "status" in old_obj:
-                new["status"] = copy.deepcopy(old_obj["status"])
+                new["status"] = _clone(old_obj["status"])
             else:
                 new.pop("status", None)
         if _has_generation(res):
@@ -251,7 +250,7 @@ class ApiServer:
         subresource: str = "",
         dry_run: bool = False,
     ) -> dict[str, Any]:
-        obj = self._check_type(res, copy.deepcopy(obj)) if subresource != "scale" else obj
+        obj = self._check_type(res, _clone(obj)) if subresource != "scale" else obj
         meta = obj.setdefault("metadata", {})
         if meta.get("name") and meta["name"] != name:
             raise errors.bad_request("the name of the object does not match the name on the URL")
@@ -589,6 +588,11 @@ def _matches(e: Entry, labels: list[selectors.Requirement], fields: list[selecto
     if labels and not selectors.match_labels(labels, e.labels):
         return False
     return not fields or selectors.match_fields(fields, e.obj)
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy of JSON-shaped data (several times faster than copy.deepcopy)."""
+    return json.loads(json.dumps(obj))
 
 
 def _strip_volatile(obj: dict[str, Any]) -> dict[str, Any]:

@@ -262,6 +262,7 @@ def _merge(live: Any, applied: Any, field: str) -> Any:
 
 
 def _strip_nulls(value: Any) -> Any:
+    """A copy of ``value`` without null fields (null in an applied config means "not set")."""
     if isinstance(value, dict):
         return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -309,7 +310,7 @@ def apply(
         if e is not mine:
             e.fields -= lost
             others |= e.fields
-    merged = _merge(copy.deepcopy(base), applied, "")
+    merged = _merge(json.loads(json.dumps(base)) if base else {}, applied, "")
     prefixes = {q[:i] for q in new_set | others for i in range(1, len(q))}
     for p in sorted(old_set - new_set - others, key=len, reverse=True):
         if p not in prefixes:

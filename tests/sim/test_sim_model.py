@@ -239,8 +239,9 @@ async def test_statefulset_job_and_status_fields() -> None:
         await until(progress)
         seen = [s for s in seen if s]
         assert seen[0] == ["db-0"] and ["db-0", "db-1"] in seen  # OrderedReady: one at a time, in order
-        status = site.cluster.api.get(("apps", "statefulsets"), "default", "db")["status"]  # type: ignore[index]
-        assert status["readyReplicas"] == 3 and status["availableReplicas"] == 3
+        status = await until(lambda: (lambda st: st if st.get("readyReplicas") == 3 else None)(
+            site.cluster.api.get(("apps", "statefulsets"), "default", "db")["status"]))  # type: ignore[index]
+        assert status["availableReplicas"] == 3 and status["replicas"] == 3
         assert status["currentRevision"] == status["updateRevision"]
         assert pods(site, labelled("db"))[0]["spec"]["hostname"] == "db-0"
         job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},

@@ -489,8 +489,11 @@ class ApiServer:
                     return True
         return False
 
-    def foreground_step(self) -> None:
-        """Finish foreground deletions whose dependents are gone; delete dependents of the others."""
+    def foreground_step(self) -> bool:
+        """Finish foreground deletions whose dependents are gone; delete dependents of the others.
+
+        Returns whether some foreground deletion is still waiting for its dependents."""
+        waiting = False
         for key in self.store.kinds():
             for entry in self.store.iter(key):
                 if b'"foregroundDeletion"' not in entry.raw:
@@ -499,6 +502,7 @@ class ApiServer:
                 uid = obj["metadata"].get("uid", "")
                 deps = self._dependents(uid)
                 if deps:
+                    waiting = True
                     for dkey, dep in deps:
                         if not (dep.obj.get("metadata") or {}).get("deletionTimestamp"):
                             self.delete(self.resource(*dkey), dep.namespace, dep.name, propagation="Foreground")
@@ -510,7 +514,7 @@ class ApiServer:
                     self._remove(res, obj)
                 else:
                     self.store.put(key, obj)
-            # orphan finalizer: handled at removal time
+        return waiting
 
     # --- list/watch support ------------------------------------------------------------------------------------
     def list_entries(

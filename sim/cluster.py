@@ -678,7 +678,8 @@ class Cluster:
                 if self.sched_dirty:
                     self.sched_dirty = False
                     self.scheduler.run()
-                self.api.foreground_step() if self.controllers.foreground_pending else None
+                if self.controllers.foreground_pending:
+                    self.controllers.foreground_pending = self.api.foreground_step()
             except Exception as exc:
                 import traceback
 

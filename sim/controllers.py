@@ -103,8 +103,8 @@ class Controllers:
             self.dirty.add((_KINDS[key], entry.namespace, entry.name))
         if key == ("", "namespaces"):
             self.dirty.add(("Namespace", "", entry.name))
-        if b'"foregroundDeletion"' in entry.raw or ev.type == "DELETED":
-            self.foreground_pending = True
+        if b'"foregroundDeletion"' in entry.raw:
+            self.foreground_pending = True  # stays set while a foreground deletion waits for its dependents
         if key in (("", "pods"), ("apps", "replicasets")) or key in _KINDS:
             meta = entry.obj.get("metadata") or {}
             for ref in meta.get("ownerReferences") or []:

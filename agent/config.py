@@ -68,6 +68,30 @@ class InstallConfig(_Section):
     image_loader: Literal["none", "k3s-airgap", "registry"] = "none"
 
 
+class ImagesConfig(_Section):
+    """Container image delivery (docs/images.md); the loader itself is ``install.image_loader``."""
+
+    #: The site-local OCI registry the ``registry`` loader pushes to (containerd mirrors point here).
+    registry_url: str = "http://127.0.0.1:5000"
+    #: "prefixed": repository ``<source registry>/<path>`` (no collisions; k3s ``rewrite``), "flat": ``<path>``.
+    repo_layout: Literal["prefixed", "flat"] = "prefixed"
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    #: Blobs uploaded at once; memory stays at ~256 KiB per upload whatever the blob size.
+    concurrency: int = Field(default=3, ge=1, le=32)
+    #: Attempts per blob/manifest (exponential backoff, capped) before the load fails.
+    retries: int = Field(default=10, ge=1, le=100)
+    backoff_max_seconds: float = Field(default=20.0, gt=0)
+    request_timeout_seconds: float = Field(default=600.0, gt=0)
+    #: Delete manifests no longer used by the current or the last good bundle after each commit.
+    gc: bool = False
+    #: Run after deletions to free the blobs,
+    #: e.g. ["docker-registry", "garbage-collect", "/etc/docker/registry/config.yml"].
+    gc_command: list[str] = Field(default_factory=list)
+    #: ``k3s-airgap`` loader: where k3s picks image archives up at start.
+    k3s_images_dir: Path = Path("/var/lib/rancher/k3s/agent/images")
+
+
 class DegradationConfig(_Section):
     enabled: bool = True
     #: How long a worse state must persist before acting on it.
@@ -234,6 +258,7 @@ class AgentConfig(BaseSettings):
     degradation: DegradationConfig = DegradationConfig()
     snapshots: SnapshotConfig = SnapshotConfig()
     link: LinkConfig = LinkConfig()
+    images: ImagesConfig = ImagesConfig()
 
     @classmethod
     def settings_customise_sources(

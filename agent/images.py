@@ -101,6 +101,13 @@ async def _import(archive: Path) -> None:
         raise ImageLoadError(f"{' '.join(cmd[:-1])} {archive.name} failed: {err.decode(errors='replace')[-300:]}")
 
 
+async def collect_garbage(ctx: AgentContext, *, keep: set[str | None]) -> dict[str, Any] | None:
+    """Site-registry GC after a commit (``images.gc``); see :func:`agent.imageload.collect_garbage`."""
+    from agent import imageload
+
+    return await imageload.collect_garbage(ctx, keep=keep)
+
+
 def loader_for(name: str) -> Loader:
     if name == "none":
         return load_none
@@ -110,9 +117,17 @@ def loader_for(name: str) -> Loader:
 
 
 async def load_for(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:
-    """Record the bundle's image references (``images.<bundle>`` in the store) and load its archives."""
+    """Record the bundle's image references (``images.<bundle>`` in the store) and load its archives.
+
+    A bundle carrying an OCI image layout, or the ``registry`` loader, goes through
+    :mod:`agent.imageload` (push/verify or k3s archives, then every referenced image must be available).
+    """
     refs = references(spec)
     ctx.store.put(f"images.{spec.label}", refs)
+    from agent import imageload  # late: imageload imports this module
+
+    if ctx.config.install.image_loader == "registry" or imageload.layout_dir(spec) is not None:
+        return {"references": sum(len(v) for v in refs.values()), **await imageload.load(ctx, spec)}
     found = archives(spec)
     loaded = await loader_for(ctx.config.install.image_loader)(found) if found else []
     if loaded:

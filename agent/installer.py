@@ -424,6 +424,7 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
     if runner.run.state == "committing" and spec is not None:
         await runner.commit(spec)
         gc(ctx)
+        await images.collect_garbage(ctx, keep={store.get(journal.CURRENT_KEY), store.get(PREVIOUS_KEY)})
         await apply.retrying(lambda: _gc_cluster(ctx, api), what="inventory gc", deadline=time.monotonic())
         metrics.INSTALLS.labels("committed").inc()
         metrics.INSTALL_SECONDS.observe(time.monotonic() - t0)

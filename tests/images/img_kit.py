@@ -203,3 +203,46 @@ def skopeo_inspect(ref: str) -> dict[str, Any]:
 
 def have_tools() -> bool:
     return bool(shutil.which("skopeo") and shutil.which("docker-registry")) and os.name == "posix"
+
+
+# --- agent side ------------------------------------------------------------------------------------
+
+
+def agent_ctx(tmp: Path, *, loader: str = "registry", reg: Registry | None = None, **images: Any) -> Any:
+    from agent import outbox
+    from agent.config import AgentConfig
+    from agent.context import AgentContext
+    from agent.install import journal
+    from agent.state import StateStore
+
+    cfg_images: dict[str, Any] = {"backoff_max_seconds": 1.0}
+    if reg is not None:
+        cfg_images.update(registry_url=reg.url, gc=True,
+                          gc_command=["docker-registry", "garbage-collect", str(reg.config)])
+    cfg_images.update(images)
+    cfg = AgentConfig(site_id="site-1", state_dir=tmp / "state", trust_dir=tmp,
+                      install={"image_loader": loader}, images=cfg_images)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store = StateStore.open(cfg.state_dir)
+    outbox.setup(store)
+    journal.setup(store)
+    return AgentContext(config=cfg, store=store)
+
+
+def spec_of(staged: Any) -> Any:
+    from agent.install import source
+
+    return source.load_spec(manifest_json=(staged.path / "manifest.json").read_text(), bundle_id=staged.bundle_id,
+                            path=str(staged.path), default_timeout=60)
+
+
+def events_of(ctx: Any, type_: str) -> list[dict[str, Any]]:
+    import json
+
+    rows = ctx.store.db.execute("SELECT payload FROM outbox").fetchall()
+    out = []
+    for r in rows:
+        doc = json.loads(r["payload"])
+        if doc.get("type") == type_:
+            out.append(doc)
+    return out

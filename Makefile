@@ -9,7 +9,7 @@ PLATFORM_DIR ?= $(abspath ../shared/platform)
 export EDGEFLEET_PLATFORM_DIR ?= $(PLATFORM_DIR)
 
 # Debian packages the tests use (installed only when missing, only as root).
-APT_PACKAGES := mosquitto mosquitto-clients chromium zstd postgresql-client systemd
+APT_PACKAGES := mosquitto mosquitto-clients chromium zstd postgresql-client systemd skopeo docker-registry
 # A plain `make test` skips tests marked slow; CI (CI=true) and `make test-all` run everything.
 PYTEST_SELECT := $(if $(filter true 1,$(CI)),,-m "not slow")
 PYTEST_ARGS ?=

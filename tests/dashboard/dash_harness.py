@@ -83,30 +83,32 @@ def mosquitto(workdir: Path) -> Any:
             proc.wait()
 
 
-def hub_config_for(tmp: Path, broker: Broker, **overrides: Any) -> hub_config.HubConfig:
+def hub_config_for(tmp: Path, broker_port: int, **overrides: Any) -> hub_config.HubConfig:
     key, _pub, _kid = commands.keygen(tmp / "hubkeys")
     doc: dict[str, Any] = {
         "db_url": f"sqlite:///{tmp / 'hub.db'}",
         "data_dir": str(tmp / "hubdata"),
         "log_format": "json",
         "staleness_check_seconds": 0.5,
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "client_id": f"hub-{uuid.uuid4().hex[:8]}"},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": f"hub-{uuid.uuid4().hex[:8]}"},
         "ingest": {"flush_interval_seconds": 0.05},
         "api": {"host": "127.0.0.1", "port": 0, "write_tokens": [WRITE_TOKEN]},
         "commands": {"key_file": str(key)},
     }
-    doc.update(overrides)
+    for k, v in overrides.items():
+        doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
     return hub_config.HubConfig(**doc)
 
 
-def agent_context(tmp: Path, broker: Broker, site: str, *, hub_pub: Path) -> AgentContext:
+def agent_context(tmp: Path, broker_port: int, site: str, *, hub_pub: Path, protocol: str = "5") -> AgentContext:
     cfg = AgentConfig(
         site_id=site,
         state_dir=tmp / site / "state",
         trust_dir=tmp / site / "trust",
         link={
             "host": "127.0.0.1",
-            "port": broker.port,
+            "port": broker_port,
+            "protocol": protocol,
             "backoff_min_seconds": 0.05,
             "backoff_max_seconds": 0.5,
             "status_interval_seconds": 30,

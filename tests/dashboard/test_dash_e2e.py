@@ -76,9 +76,9 @@ async def _publish_status(port: int, site: str, seq: int, state: str, reason: st
 async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with mosquitto(tmp_path / "broker") as broker:
-        cfg = hub_config_for(tmp_path, broker)
+        cfg = hub_config_for(tmp_path, broker.port)
         async with hub_running(cfg) as hub:
-            ctx = agent_context(tmp_path, broker, "store-a", hub_pub=tmp_path / "hubkeys" / "hub-command.pub")
+            ctx = agent_context(tmp_path, broker.port, "store-a", hub_pub=tmp_path / "hubkeys" / "hub-command.pub")
             _seed_agent(ctx)
             async with agent_link(ctx) as agent_task:
                 await _publish_status(broker.port, "store-b", 1, "green", "all nodes ready")
@@ -154,8 +154,7 @@ async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
 
 async def test_read_token_required_and_writes_refused(tmp_path: Path) -> None:
     with mosquitto(tmp_path / "broker") as broker:
-        cfg = hub_config_for(tmp_path, broker, api={
-            "host": "127.0.0.1", "port": 0, "write_tokens": [WRITE_TOKEN], "read_tokens": ["dash-read-token"]})
+        cfg = hub_config_for(tmp_path, broker.port, api={"read_tokens": ["dash-read-token"]})
         async with hub_running(cfg) as hub:
             await _publish_status(broker.port, "store-x", 1, "green", "ok")
             await wait_until(lambda: hub.ctx.store.get_site("store-x") is not None, what="site stored")

@@ -1,0 +1,115 @@
+"""`python -m hub.demo` end to end: three sim sites with real agents install the signed IDP bundle,
+reported through the real broker into the hub API; Ctrl-C stops everything; a second run works."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(work: Path, platform: Path, *extra: str) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub.demo", "--platform-dir", str(platform), "--work-dir", str(work),
+         "--port", "0", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _leftovers(work: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(work) in cmd:
+                found.append(f"{entry.name}: {cmd[:200]}")
+    return found
+
+
+def _sites(url: str) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"{url}/api/v1/sites", timeout=5) as r:
+        items: list[dict[str, object]] = json.loads(r.read())["items"]
+        return items
+
+
+@pytest.mark.slow
+def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform: Path) -> None:
+    work = tmp_path / "demo"
+    proc, lines = _start(work, platform, "--duration", "600")
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None:
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "no dashboard URL printed:\n" + "".join(lines)
+            m = re.search(r"dashboard at\s+(http://127\.0\.0\.1:\d+)/dashboard/", "".join(lines))
+            url = m.group(1) if m else None
+            time.sleep(0.5)
+        deadline = time.monotonic() + 400
+        while True:
+            assert proc.poll() is None, "".join(lines)
+            sites = _sites(url)
+            done = sorted(str(s["site"]) for s in sites if s["bundle_version"] == "1.0.0")
+            if done == ["site-1", "site-2", "site-3"]:
+                break
+            assert time.monotonic() < deadline, f"sites {sites}\n" + "".join(lines)
+            time.sleep(2)
+        assert {s["bundle_name"] for s in sites} == {"idp-platform"}
+        assert all(s["online"] for s in sites)
+        # The dashboard is served, offline (no external URL in the page).
+        with urllib.request.urlopen(f"{url}/dashboard/", timeout=5) as r:
+            page = r.read().decode()
+        assert "/dashboard/static/app.js" in page and "http" not in page.replace("http-equiv", "")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(90) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)
+    assert _leftovers(work) == [], "processes left behind after Ctrl-C"
+    assert "stopped" in lines[-1]
+
+    # A second run in the same work dir starts from scratch and works (one site, to keep it short).
+    proc2, lines2 = _start(work, platform, "--sites", "1", "--until-installed", "--duration", "300")
+    try:
+        assert proc2.wait(400) == 0, "".join(lines2)
+    finally:
+        if proc2.poll() is None:
+            proc2.kill()
+            proc2.wait()
+    assert any("all 1 sites have the bundle installed" in line for line in lines2), "".join(lines2)
+    assert _leftovers(work) == []
+
+
+def test_demo_missing_platform_dir_is_one_clear_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "hub.demo", "--platform-dir", str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "platform dir" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "w").exists(), "nothing may be created before the input is checked"

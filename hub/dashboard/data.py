@@ -125,17 +125,37 @@ def overview(ctx: HubContext) -> dict[str, Any]:
     return {"now": _iso(now), "total": len(sites), "counts": counts, "sites": sites}
 
 
-def _merge_runs(samples: Iterable[tuple[datetime, str]]) -> list[dict[str, Any]]:
+#: A Red/Black agent reports less often (limp home: ``link.limp_status_interval_seconds``, 120 s by default).
+LIMP_INTERVAL_SECONDS = 120.0
+
+
+def state_runs(
+    samples: Iterable[tuple[datetime, str]], *, now: datetime, interval: float, factor: float
+) -> list[dict[str, Any]]:
+    """Consecutive samples of one state merged into runs; a gap longer than the staleness limit
+    (``factor`` x the report interval, which is longer while Red/Black) becomes a ``stale`` run, as
+    does the time since the last sample when that is too long."""
+
+    def limit(state: str) -> float:
+        return factor * (max(interval, LIMP_INTERVAL_SECONDS) if state in ("red", "black") else interval)
+
     runs: list[dict[str, Any]] = []
+    prev: tuple[datetime, str] | None = None
     for at, state in samples:
-        if runs and runs[-1]["state"] == state:
-            continue
-        runs.append({"at": _iso(at), "state": state})
+        if prev is not None and (at - prev[0]).total_seconds() > limit(prev[1]):
+            runs.append({"at": _iso(prev[0] + timedelta(seconds=limit(prev[1]))), "state": "stale"})
+        if not runs or runs[-1]["state"] != state:
+            runs.append({"at": _iso(at), "state": state})
+        prev = (at, state)
+    if prev is not None and (now - prev[0]).total_seconds() > limit(prev[1]):
+        runs.append({"at": _iso(prev[0] + timedelta(seconds=limit(prev[1]))), "state": "stale"})
     return runs
 
 
-def timeline(ctx: HubContext, site: str, *, now: datetime, window: timedelta = TIMELINE_WINDOW) -> dict[str, Any]:
-    """State changes of ``site`` within ``window`` (plus the state it was in when the window began)."""
+def timeline(
+    ctx: HubContext, site: str, *, now: datetime, interval: float, window: timedelta = TIMELINE_WINDOW
+) -> dict[str, Any]:
+    """State runs of ``site`` within ``window`` (starting with the state it was in when the window began)."""
     since = now - window
     table = STATUS_HISTORY
     with ctx.store.engine.connect() as conn:
@@ -153,10 +173,12 @@ def timeline(ctx: HubContext, site: str, *, now: datetime, window: timedelta = T
         ).all()
     samples: list[tuple[datetime, str]] = []
     if before is not None:
-        samples.append((since, before.state))
+        # Older history is downsampled (one sample per bucket): no gap judgement across the window edge.
+        samples.append((max(before.received_at, since), before.state))
     samples.extend((r.received_at, r.state) for r in rows)
     start = samples[0][0] if samples else now
-    return {"start": _iso(start), "end": _iso(now), "runs": _merge_runs(samples)}
+    runs = state_runs(samples, now=now, interval=interval, factor=ctx.config.staleness_factor)
+    return {"start": _iso(start), "end": _iso(now), "runs": runs}
 
 
 def components_by_layer(status: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -226,7 +248,7 @@ def site_page(ctx: HubContext, site: str, *, events: int = 50, commands: int = 2
         "layers": components_by_layer(status),
         "nodes": status.get("nodes") or [],
         "scaled_down": status.get("scaled_down") or [],
-        "timeline": timeline(ctx, site, now=now),
+        "timeline": timeline(ctx, site, now=now, interval=row["interval_seconds"] or 30.0),
         "events": [
             {
                 "id": e["id"],

@@ -361,23 +361,25 @@ function renderSite(doc) {
     fact("etcd snapshot", snapshotCell(s.snapshot)));
   renderTimeline(doc.timeline, s);
   renderLayers(doc.layers, doc.nodes);
-  document.querySelector("#events tbody").replaceChildren(...doc.events.map((e) => h("tr", { "data-type": e.type },
+  const none = (cols, text) => [h("tr", { class: "empty" }, h("td", { colspan: cols, class: "muted", text }))];
+  document.querySelector("#events tbody").replaceChildren(...(doc.events.length ? [] : none(4, "no events yet")), ...doc.events.map((e) => h("tr", { "data-type": e.type },
     h("td", {}, ago(e.ts)), h("td", { class: `sev-${e.severity}`, text: e.severity }), h("td", { text: e.type }), h("td", { text: e.summary }))));
   const snap = s.snapshot;
   document.getElementById("snapshot-summary").textContent = snap
     ? `schedule ${snap.schedule || "?"}, allowed age ${fmtDuration(snap.max_age_seconds)}, failures in a row: ${snap.failures}`
     : "This site does not report etcd snapshots.";
-  document.querySelector("#snapshots tbody").replaceChildren(...doc.snapshots.map((x) => h("tr", {},
+  document.querySelector("#snapshots tbody").replaceChildren(...(doc.snapshots.length ? [] : none(5, "no snapshot reported yet")), ...doc.snapshots.map((x) => h("tr", {},
     h("td", {}, ago(x.taken_at)), h("td", { class: x.ok ? "state-done" : "state-failed", text: x.ok ? "ok" : `failed: ${x.detail}` }),
     h("td", { text: fmtBytes(x.size_bytes) }), h("td", { text: x.revision ?? "–" }), h("td", { class: "muted", text: x.source }))));
-  document.querySelector("#commands tbody").replaceChildren(...doc.commands.map((c) => h("tr", { "data-cmd": c.cmd_id, "data-name": c.name, "data-state": c.state },
+  document.querySelector("#commands tbody").replaceChildren(...(doc.commands.length ? [] : none(5, "no commands sent yet")), ...doc.commands.map((c) => h("tr", { "data-cmd": c.cmd_id, "data-name": c.name, "data-state": c.state },
     h("td", { text: c.seq }), h("td", { text: c.name }), h("td", { class: `state-${c.state} cmd-state`, text: c.state }),
     h("td", {}, ago(c.issued)),
     h("td", {}, c.replies.length ? c.replies.map((r) => h("div", { class: "reply" }, h("span", { class: `st state-${r.status}`, text: r.status }), ": ", r.detail))
       : h("span", { class: "muted", text: c.detail || "no reply yet" })))));
   const select = document.getElementById("bundle-select");
   const chosen = select.value;
-  select.replaceChildren(...doc.bundles.map((b) => h("option", { value: b.sha256, text: `${b.name}-${b.version} (release ${b.release ?? "?"})` })));
+  select.replaceChildren(...(doc.bundles.length ? doc.bundles.map((b) => h("option", { value: b.sha256, text: `${b.name}-${b.version} (release ${b.release ?? "?"})` }))
+    : [h("option", { value: "", text: "no bundle uploaded to this hub" })]));
   if (chosen) select.value = chosen;
   renderActions();
 }
@@ -387,7 +389,7 @@ function renderActions() {
   box.hidden = !token();
   const cmds = config.commands_enabled && config.writes_enabled;
   document.getElementById("snapshot-now").disabled = !cmds;
-  document.getElementById("install-bundle").disabled = !cmds || !document.getElementById("bundle-select").options.length;
+  document.getElementById("install-bundle").disabled = !cmds || !document.getElementById("bundle-select").value;
   if (!cmds) document.getElementById("action-result").textContent = "commands are not configured on this hub";
 }
 

@@ -89,13 +89,16 @@ class Proxy:
         self.port = 0
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.up = False
 
     async def start(self) -> None:
+        self.up = True
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
         assert self.server is not None
+        self.up = False
         self.server.close()
         for w in self.writers:
             w.close()
@@ -108,11 +111,15 @@ class Proxy:
         except OSError:
             writer.close()
             return
+        if not self.up:  # accepted just before the cut
+            writer.close()
+            up_writer.close()
+            return
         self.writers += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
-                while data := await src.read(65536):
+                while (data := await src.read(65536)) and self.up:
                     dst.write(data)
                     await dst.drain()
             dst.close()

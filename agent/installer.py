@@ -469,6 +469,16 @@ async def _gc_cluster(ctx: AgentContext, api: Any) -> None:
     await inventory.keep_only(api, keep)
 
 
+async def remember_version(ctx: AgentContext, api: Any) -> None:
+    """Store the cluster's version for intake's compatibility check (it may run without API access)."""
+    try:
+        version = (await kube.ping(api)).get("gitVersion")
+    except kube.KubeError:
+        return
+    if version and ctx.store.get("kube.version") != version:
+        ctx.store.put("kube.version", version)
+
+
 async def run_pending(ctx: AgentContext, api: Any) -> journal.Run | None:
     """Execute queued runs until none is left; returns the last one executed."""
     last = None
@@ -520,6 +530,7 @@ async def run(ctx: AgentContext) -> None:
     publish(ctx)
     async with kube.connect(ctx.config.kubeconfig) as api:
         supervisor = drift.Supervisor(ctx, api)
+        await remember_version(ctx, api)
         while True:
             try:
                 if journal.active_run(ctx.store) is not None:
@@ -575,6 +586,7 @@ async def drive(ctx: AgentContext) -> int:
             return exitcodes.UNAVAILABLE
         try:
             async with kube.connect(ctx.config.kubeconfig) as api:
+                await remember_version(ctx, api)
                 while True:
                     try:
                         last = await run_pending(ctx, api)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from bundles import errors, trust, verify
 log = structlog.get_logger("edgefleet.intake")
 
 SETTLE_SECONDS = 2.0
+KUBE_VERSION_KEY = "kube.version"
 STAGE_LOCK = "stage.lock"
 _IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
@@ -63,14 +65,21 @@ def store_dir(ctx: AgentContext) -> Path:
     return ctx.config.state_dir / "bundles"
 
 
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+
+
 def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
     root = trust.load_root(ctx.config.trust_dir / "root.json")
     release, created = journal.highwater(ctx.store)
+    # Compatibility: the cluster's version as the installer last saw it (None before the first
+    # contact: then only the architecture is checked) and this node's CPU architecture.
+    kubernetes_version = ctx.store.get(KUBE_VERSION_KEY)
     # One staging at a time per site, and never while the daemon sweeps stale staging dirs.
     with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
         return verify.verify_and_stage(
             path, root=root, store_dir=store_dir(ctx), min_release=release,
             min_created=datetime.fromisoformat(created) if created else None,
+            kubernetes_version=kubernetes_version, arch=_ARCH.get(platform.machine(), platform.machine()),
         )
 
 

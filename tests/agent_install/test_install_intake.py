@@ -151,3 +151,16 @@ def test_dependency_cycle_is_refused() -> None:
     units[0].depends_on = ("b",)  # a (layer 0) waiting on b (layer 1) could never start
     with pytest.raises(source.SpecError, match="later layer"):
         source.check_dag(spec)
+
+
+async def test_incompatible_kubernetes_version_rejected(
+    tmp_path: Path, trust_keys: Keys, agent_config: Path
+) -> None:
+    ctx = context(agent_config)
+    ctx.store.put(intake.KUBE_VERSION_KEY, "v1.20.4+k3s1")  # as the installer last saw the cluster
+    bundle = build_bundle(tmp_path / "v1.bundle", k=trust_keys, comps=site_v1(), version="1.0.0", release=1)
+    with pytest.raises(errors.Incompatible):
+        await intake.import_bundle(ctx, bundle)
+    assert journal.active_run(ctx.store) is None
+    ctx.store.put(intake.KUBE_VERSION_KEY, "v1.31.2+k3s1")
+    assert (await intake.import_bundle(ctx, bundle)).bundle == "site-1.0.0"

@@ -208,7 +208,8 @@ def have_tools() -> bool:
 # --- agent side ------------------------------------------------------------------------------------
 
 
-def agent_ctx(tmp: Path, *, loader: str = "registry", reg: Registry | None = None, **images: Any) -> Any:
+def agent_ctx(tmp: Path, *, loader: str = "registry", reg: Registry | None = None, kubeconfig: Path | None = None,
+              **images: Any) -> Any:
     from agent import outbox
     from agent.config import AgentConfig
     from agent.context import AgentContext
@@ -220,8 +221,8 @@ def agent_ctx(tmp: Path, *, loader: str = "registry", reg: Registry | None = Non
         cfg_images.update(registry_url=reg.url, gc=True,
                           gc_command=["docker-registry", "garbage-collect", str(reg.config)])
     cfg_images.update(images)
-    cfg = AgentConfig(site_id="site-1", state_dir=tmp / "state", trust_dir=tmp,
-                      install={"image_loader": loader}, images=cfg_images)
+    cfg = AgentConfig(site_id="site-1", state_dir=tmp / "state", trust_dir=tmp, kubeconfig=kubeconfig,
+                      install={"image_loader": loader, "default_gate_timeout_seconds": 60}, images=cfg_images)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = StateStore.open(cfg.state_dir)
     outbox.setup(store)

@@ -231,16 +231,31 @@ class Controllers:
                 raise
 
     def _event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+        """Record an Event; repeats of the same (object, reason, message) bump ``count`` like the real
+        event recorder's aggregation, so retry loops do not pile up objects."""
         meta = obj["metadata"]
         ns = meta.get("namespace") or "default"
         now = apiserver.now_iso()
-        ev = {"metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": ns},
-              "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
-                                 "namespace": meta.get("namespace"), "uid": meta.get("uid")},
-              "reason": reason, "message": message, "type": etype, "count": 1, "firstTimestamp": now,
-              "lastTimestamp": now, "source": {"component": "k3s"}, "reportingComponent": "k3s"}
-        with contextlib.suppress(errors.ApiError):
-            self.api.create(self.c.res("", "events"), ns, ev, manager="", internal=True)
+        digest = hashlib.sha256(f"{meta.get('uid')}/{reason}/{message}".encode()).hexdigest()[:16]
+        name = f"{meta['name']}.{digest}"
+        res = self.c.res("", "events")
+        try:
+            old = self.api.get(("", "events"), ns, name)
+            if old is not None:
+                new = _copy(old)
+                new["count"] = int(old.get("count", 1)) + 1
+                new["lastTimestamp"] = now
+                self.api.update(res, ns, name, new, manager="")
+                return
+            ev = {"metadata": {"name": name, "namespace": ns},
+                  "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
+                                     "name": meta["name"], "namespace": meta.get("namespace"),
+                                     "uid": meta.get("uid")},
+                  "reason": reason, "message": message, "type": etype, "count": 1, "firstTimestamp": now,
+                  "lastTimestamp": now, "source": {"component": "k3s"}, "reportingComponent": "k3s"}
+            self.api.create(res, ns, ev, manager="", internal=True)
+        except errors.ApiError:
+            pass
 
     # --- namespaces --------------------------------------------------------------------------------------------
     def _sync_namespace(self, _: str, name: str) -> None:

@@ -141,3 +141,18 @@ def test_cli_build_with_images_split_and_delta(tmp_path: Path, capsys: pytest.Ca
     # without --images-from the build works as before and notes the images it does not carry
     assert cli.main([*base, "--out", str(tmp_path / "n.efb"), "--release", "4"]) == 0
     assert "2 container image(s) referenced but not carried" in capsys.readouterr().err
+
+
+async def test_agent_intake_refuses_a_delta_without_its_base(tmp_path: Path) -> None:
+    from agent import intake
+
+    s, src1, src2 = _versions(tmp_path, size=64 * 1024)
+    v1 = s.build(tmp_path / "v1.efb", source=src1, release=1)
+    d2 = s.build(tmp_path / "d2.efb", source=src2, release=2, version="2.0.0", base=v1.path)
+    ctx = img_kit.agent_ctx(tmp_path, loader="none")
+    with pytest.raises(errors.BaseMissing, match=r"needs its base bundle demo-1\.0\.0 \(release 1\)"):
+        await intake.import_bundle(ctx, d2.path)
+    rejected = img_kit.events_of(ctx, "bundle.rejected")
+    assert rejected and rejected[-1]["data"]["reason"] == "base-missing"
+    await intake.import_bundle(ctx, v1.path)
+    assert (await intake.import_bundle(ctx, d2.path)).release == 2

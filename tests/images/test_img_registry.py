@@ -214,3 +214,36 @@ async def test_k3s_airgap_writes_archives_and_imports_with_ctr(tmp_path: Path, m
     assert len(names) == 3 and any("team_app_1.0" in n for n in names)
     again = await agent_images.load_for(ctx, img_kit.spec_of(staged))
     assert again["written"] == 0  # already there: not rewritten
+
+
+async def test_build_takes_images_from_a_registry_through_skopeo(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    made = img_kit.make_source(src)
+    with img_kit.registry(tmp_path / "upstream") as up:
+        # the "upstream" registry serves the app image (multi-arch) under its own host name
+        app_ref = f"{up.host}/team/app:1.0"
+        proc = await asyncio.create_subprocess_exec(
+            "skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci:{src}:{img_kit.APP}",
+            f"docker://{app_ref}", stderr=asyncio.subprocess.PIPE)
+        _o, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        s = img_kit.Signer(tmp_path)
+        work = tmp_path / "w"
+        work.mkdir()
+        from bundles import build
+
+        prof = img_kit.profile(work, app_image=app_ref)
+        opts = bundle_images.Options(source="registry", arches=("arm64",), registry_tls_verify=False)
+        with pytest.raises(errors.BuildError, match=r"image busybox:1.36: cannot fetch from its registry"):
+            build.build(profile=prof, platform=work / "platform", mirror=None, out=tmp_path / "r.efb",
+                        version="1.0.0", release=1, keys=[s.key], images=opts)
+        # only the app image is fetched from the registry: a profile using just it
+        prof.write_text(prof.read_text().replace("busybox:1.36", app_ref).replace(img_kit.WIDGET, app_ref))
+        res = build.build(profile=prof, platform=work / "platform", mirror=None, out=tmp_path / "r.efb",
+                          version="1.0.0", release=1, keys=[s.key], images=opts)
+        staged = verify.verify_and_stage(res.path, root=trust.load_root(s.root_path), store_dir=tmp_path / "st")
+        meta = bundle_images.load_meta(staged.payload_dir / "images")
+        assert [i["ref"] for i in meta["images"]] == [app_ref]
+        assert meta["images"][0]["sourceDigest"] == made["app"].digest  # tag resolved to the upstream digest
+        assert made["app-arm64"].digest in meta["images"][0]["blobs"]
+        assert made["app-amd64"].digest not in meta["images"][0]["blobs"]

@@ -47,7 +47,6 @@ the bundle; this module only enforces the minimums it is given.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -587,20 +586,14 @@ class _Stager:
             raise errors.StoreError(f"cannot create {rel} in staging: {exc.strerror}") from None
         self._path = target
         fd = self._fd
-        flushed = written = 0
 
         def write(view: memoryview) -> None:
-            nonlocal flushed, written
             try:
                 off = 0
                 while off < len(view):
                     off += os.write(fd, view[off:])
             except OSError as exc:
                 raise errors.StoreError(f"writing {rel} to staging failed: {exc.strerror}") from None
-            written += len(view)
-            if written - flushed >= WRITEBACK_BYTES:
-                _start_writeback(fd, flushed, written - flushed)
-                flushed = written
 
         return write
 
@@ -613,9 +606,12 @@ class _Stager:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        self._flushes.append(self._executor().submit(_fsync_close, fd, str(self._path)))
+
+    def _executor(self) -> ThreadPoolExecutor:
         if self._flusher is None:
             self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-fsync")
-        self._flushes.append(self._flusher.submit(_fsync_close, fd, str(self._path)))
+        return self._flusher
 
     def _wait_flushes(self) -> None:
         failures = []
@@ -671,42 +667,14 @@ class _Stager:
         return final
 
     def abort(self) -> None:
+        with contextlib.suppress(errors.StoreError):  # already failing; staging goes away below
+            self._wait_flushes()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(errors.StoreError):  # already failing; staging goes away below
-            self._wait_flushes()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux ``sync_file_range(2)``; None elsewhere (then the final fsync does all the work)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_BYTES = 8 * MiB
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start (not wait for) writeback of what was just written.
-
-    The disk then works while the next megabytes are hashed, instead of receiving a whole file's
-    dirty pages at fsync time; it also keeps the page cache from filling with a GiB of dirty data
-    on a small edge node. Durability still comes from the fsync before the rename.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_close(fd: int, path: str) -> None:

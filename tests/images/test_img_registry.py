@@ -193,7 +193,7 @@ async def test_k3s_airgap_writes_archives_and_imports_with_ctr(tmp_path: Path, m
     bin_dir.mkdir()
     calls = tmp_path / "ctr-calls"
     ctr = bin_dir / "ctr"
-    ctr.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+    ctr.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
                    'last=""; for a in "$@"; do last="$a"; done\n'
                    'tar -tf "$last" | grep -q "^index.json$" || exit 3\n')
     ctr.chmod(0o755)

@@ -53,6 +53,8 @@ IMAGES_DIR = "images"
 META_NAME = "edgefleet-images.json"
 SKOPEO_TIMEOUT = 3600
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")  # distribution's reference grammar
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$")
 
 
 # --- references ------------------------------------------------------------------------------------
@@ -103,8 +105,10 @@ def parse_ref(ref: str) -> ImageRef:
         registry = "docker.io"
     if registry == "docker.io" and "/" not in path:
         path = f"library/{path}"
-    if not path or path != path.lower() or any(p == "" for p in path.split("/")):
+    if not path or not all(_PATH_COMPONENT.match(p) for p in path.split("/")) or len(path) > 255:
         raise ValueError(f"image reference {ref[:80]!r} has an invalid repository")
+    if not _HOST.match(registry):
+        raise ValueError(f"image reference {ref[:80]!r} has an invalid registry host")
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(registry=registry, repository=path, tag=tag, digest=digest)

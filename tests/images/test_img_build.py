@@ -24,6 +24,9 @@ def test_parse_ref_normalizes_like_docker() -> None:
         bundle_images.parse_ref("Upper/Case:1")
     with pytest.raises(ValueError):
         bundle_images.parse_ref("a b")
+    for bad in ("docker.io/../etc:1", "quay.io/a//b", "ho st/x:1", "x/-a:1"):
+        with pytest.raises(ValueError):
+            bundle_images.parse_ref(bad)
 
 
 def test_build_carries_every_image_as_a_verified_oci_layout(tmp_path: Path) -> None:

@@ -230,7 +230,8 @@ class Controllers:
             if exc.code != 404:
                 raise
 
-    def _event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+    def _event(self, obj: dict[str, Any], etype: str, reason: str, message: str, *,
+               component: str = "k3s") -> None:
         """Record an Event; repeats of the same (object, reason, message) bump ``count`` like the real
         event recorder's aggregation, so retry loops do not pile up objects."""
         meta = obj["metadata"]
@@ -252,7 +253,7 @@ class Controllers:
                                      "name": meta["name"], "namespace": meta.get("namespace"),
                                      "uid": meta.get("uid")},
                   "reason": reason, "message": message, "type": etype, "count": 1, "firstTimestamp": now,
-                  "lastTimestamp": now, "source": {"component": "k3s"}, "reportingComponent": "k3s"}
+                  "lastTimestamp": now, "source": {"component": component}, "reportingComponent": component}
             self.api.create(res, ns, ev, manager="", internal=True)
         except errors.ApiError:
             pass

@@ -303,6 +303,8 @@ class Scheduler:
         # Binding sets spec.nodeName (a real server does this through pods/binding, not an update).
         self.c.api.store.put(res.storage_key, new)
         self._messages.pop(f"{ns}/{name}", None)
+        self.c.controllers._event(new, "Normal", "Scheduled", f"Successfully assigned {ns}/{name} to {node}",
+                                  component="default-scheduler")
 
     def _unschedulable(self, pod: dict[str, Any], message: str, nominated: str) -> None:
         key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
@@ -324,7 +326,7 @@ class Scheduler:
                               manager="default-scheduler", subresource="status")
         except errors.ApiError:
             self._messages.pop(key, None)
-        self.c.controllers._event(pod, "Warning", "FailedScheduling", message)
+        self.c.controllers._event(pod, "Warning", "FailedScheduling", message, component="default-scheduler")
 
     def _preempt(self, pod: dict[str, Any], nodes: dict[str, dict[str, Any]], used: dict[str, list[float]],
                  pods: list[dict[str, Any]]) -> str:

@@ -159,6 +159,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     signing = [keys.load_private(Path(k)) for k in args.key]
     target = Path(args.file)
     out = Path(args.out) if args.out else None
+    if split.is_split(target):
+        raise errors.UsageError(f"{target} is a split bundle: `edgefleet-bundle join` it, sign, then `split` again")
     if _is_root(target):
         root, env = trust.parse_root(trust.load_root_bytes(target))
         new = trust.sign_root(root, keys=signing, existing=env)
@@ -179,6 +181,22 @@ def _is_root(path: Path) -> bool:
             return fh.read(1) == b"{"
     except OSError as exc:
         raise errors.Unreadable(f"cannot read {path}: {exc.strerror}") from None
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    target = Path(args.bundle)
+    if split.is_split(target):
+        raise errors.UsageError(f"{target} is already split")
+    parts = split.split(target, max_part_size=args.max_part_size)
+    _out(args, {"index": str(target), "parts": [str(p) for p in parts[1:]]},
+         f"{target}: {len(parts) - 1} parts" if len(parts) > 1 else f"{target} fits in one part: unchanged")
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    out = split.join(Path(args.index), Path(args.out))
+    _out(args, {"path": str(out), "bytes": out.stat().st_size}, f"joined {args.index} into {out} (every part checked)")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -342,6 +360,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--kubernetes-version")
     s.add_argument("--arch")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("split", parents=[common], help="split a bundle into parts (FAT32: just under 4 GiB each)")
+    s.add_argument("bundle")
+    s.add_argument("--max-part-size", type=_size, default=split.DEFAULT_MAX_PART)
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("join", parents=[common], help="reassemble a split bundle into one file, checking every part")
+    s.add_argument("index", help="the split bundle (its index file)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_join)
 
     s = sub.add_parser("inspect", parents=[common], help="show what a bundle contains (no trust decisions)")
     s.add_argument("bundle")

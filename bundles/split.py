@@ -218,3 +218,38 @@ class PartsReader(io.RawIOBase):
 
 def open_parts(index_path: Path) -> PartsReader:
     return PartsReader(index_path)
+
+
+def is_split(path: Path) -> bool:
+    """True when ``path`` is a split index (a small JSON file of our kind)."""
+    try:
+        if path.stat().st_size >= 4 << 20:
+            return False
+        with open(path, "rb") as fh:
+            if not is_index(fh.read(64)):
+                return False
+        return load_index(path).get("kind") == KIND
+    except (OSError, errors.BundleError):
+        return False
+
+
+def join(index_path: Path, out: Path) -> Path:
+    """Reassemble the parts into ``out`` (every part checked on the way); atomic."""
+    doc = load_index(index_path)
+    tmp = out.with_name(f".{out.name}.join.tmp")
+    total = hashlib.sha256()
+    try:
+        with open_parts(index_path) as reader, open(tmp, "wb") as fh:
+            buf = bytearray(CHUNK)
+            while n := reader.readinto(buf):
+                total.update(buf[:n])
+                fh.write(buf[:n])
+            fh.flush()
+            os.fsync(fh.fileno())
+        if total.hexdigest() != doc.get("sha256"):
+            raise errors.PartDamaged(f"{index_path.name}: the reassembled bundle does not match the index's sha256")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

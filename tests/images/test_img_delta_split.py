@@ -156,3 +156,26 @@ async def test_agent_intake_refuses_a_delta_without_its_base(tmp_path: Path) -> 
     assert rejected and rejected[-1]["data"]["reason"] == "base-missing"
     await intake.import_bundle(ctx, v1.path)
     assert (await intake.import_bundle(ctx, d2.path)).release == 2
+
+
+def test_cli_split_join_and_sign_refuses_a_split_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    img_kit.make_source(src, size=200 * 1024)
+    s = img_kit.Signer(tmp_path)
+    res = s.build(tmp_path / "b.efb", source=src)
+    whole = res.path.read_bytes()
+    assert cli.main(["--json", "split", str(res.path), "--max-part-size", "256K"]) == 0
+    parts = json.loads(capsys.readouterr().out)["parts"]
+    assert len(parts) > 3 and split.is_split(res.path)
+    key = tmp_path / "k"
+    cli.main(["keygen", "--out", str(key), "--name", "second"])
+    capsys.readouterr()
+    assert cli.main(["sign", str(res.path), "--key", str(key / "second.key")]) == errors.UsageError.exit_code
+    assert "is a split bundle" in capsys.readouterr().err
+    assert cli.main(["join", str(res.path), "--out", str(tmp_path / "joined.efb")]) == 0
+    assert (tmp_path / "joined.efb").read_bytes() == whole
+    Path(parts[1]).write_bytes(Path(parts[1]).read_bytes()[:-1] + b"\0")
+    capsys.readouterr()
+    assert cli.main(["join", str(res.path), "--out", str(tmp_path / "j2.efb")]) == errors.PartDamaged.exit_code
+    assert f"part 2 of {len(parts)} ({Path(parts[1]).name})" in capsys.readouterr().err
+    assert not (tmp_path / "j2.efb").exists()

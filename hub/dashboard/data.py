@@ -197,6 +197,26 @@ def components_by_layer(status: dict[str, Any] | None) -> list[dict[str, Any]]:
     ]
 
 
+def dedupe_snapshots(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per snapshot: the store records a snapshot both from its event and from the next
+    status (``last_success``); the event's row is kept when both exist (it says more)."""
+    out: dict[tuple[str, bool], dict[str, Any]] = {}
+    for r in rows:
+        taken: datetime = r["taken_at"]
+        key = (taken.replace(microsecond=0).isoformat(), bool(r["ok"]))
+        if key in out and out[key]["source"] == "event":
+            continue
+        out[key] = {
+            "taken_at": _iso(taken),
+            "ok": r["ok"],
+            "size_bytes": r["size_bytes"],
+            "revision": r["revision"],
+            "detail": r["detail"],
+            "source": r["source"],
+        }
+    return sorted(out.values(), key=lambda x: x["taken_at"] or "", reverse=True)
+
+
 def _commands_with_replies(ctx: HubContext, site: str, *, limit: int) -> list[dict[str, Any]]:
     cmds = ctx.store.commands(site=site, limit=limit)
     ids = [c["cmd_id"] for c in cmds]
@@ -260,17 +280,7 @@ def site_page(ctx: HubContext, site: str, *, events: int = 50, commands: int = 2
             }
             for e in ctx.store.site_events(site, order="desc", limit=events)
         ],
-        "snapshots": [
-            {
-                "taken_at": _iso(s["taken_at"]),
-                "ok": s["ok"],
-                "size_bytes": s["size_bytes"],
-                "revision": s["revision"],
-                "detail": s["detail"],
-                "source": s["source"],
-            }
-            for s in ctx.store.snapshots(site, limit=20)
-        ],
+        "snapshots": dedupe_snapshots(ctx.store.snapshots(site, limit=40))[:20],
         "commands": _commands_with_replies(ctx, site, limit=commands),
         "bundles": [
             {"sha256": b["sha256"], "name": b["name"], "version": b["version"], "release": b["release"]}

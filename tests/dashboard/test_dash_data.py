@@ -102,3 +102,17 @@ async def test_snapshot_upload_mounted_only_when_enabled(tmp_path: Path) -> None
         assert (tmp_path / "on" / "snapshots" / "site-1" / name).read_bytes() == body
     finally:
         store.close()
+
+
+def test_snapshot_reported_by_event_and_status_is_listed_once() -> None:
+    t = NOW - timedelta(minutes=5)
+    rows = [
+        {"taken_at": t.replace(microsecond=123456), "ok": True, "size_bytes": 10, "revision": 6, "detail": "",
+         "source": "status"},
+        {"taken_at": t.replace(microsecond=120000), "ok": True, "size_bytes": 10, "revision": 6,
+         "detail": "etcd snapshot taken", "source": "event"},
+        {"taken_at": t - timedelta(minutes=10), "ok": False, "size_bytes": None, "revision": None,
+         "detail": "etcdctl timed out", "source": "event"},
+    ]
+    out = data.dedupe_snapshots(rows)
+    assert [(r["source"], r["ok"]) for r in out] == [("event", True), ("event", False)]

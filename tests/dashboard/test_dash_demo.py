@@ -55,6 +55,26 @@ def _sites(url: str) -> list[dict[str, object]]:
         return items
 
 
+def _screenshots(url: str) -> None:
+    from dash_harness import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 800})
+            page.goto(f"{url}/dashboard/")
+            page.wait_for_selector("#sites tbody tr[data-site='site-3']")
+            page.screenshot(path=str(ARTIFACTS / "demo-overview.png"), full_page=True)
+            page.goto(f"{url}/dashboard/sites/site-1")
+            page.wait_for_selector(".comp[data-component='argo-cd']")
+            page.wait_for_selector("#snapshots tbody tr:not(.empty)")
+            page.screenshot(path=str(ARTIFACTS / "demo-site.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
 def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform: Path) -> None:
     work = tmp_path / "demo"
@@ -79,6 +99,25 @@ def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform
             time.sleep(2)
         assert {s["bundle_name"] for s in sites} == {"idp-platform"}
         assert all(s["online"] for s in sites)
+        # Snapshot now, end to end: hub -> broker -> agent -> etcdctl against the site's real etcd -> event.
+        token = re.search(r"operator token .*:\s+(\S+)", "".join(lines)).group(1)  # type: ignore[union-attr]
+        req = urllib.request.Request(f"{url}/api/v1/sites/site-1/commands", data=b'{"name": "snapshot-now"}',
+                                     method="POST", headers={"Authorization": f"Bearer {token}",
+                                                             "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            cmd_id = json.loads(r.read())["cmd_id"]
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"{url}/api/v1/commands/{cmd_id}", timeout=5) as r:
+                cmd = json.loads(r.read())
+            with urllib.request.urlopen(f"{url}/api/v1/events?site=site-1&type=snapshot.", timeout=5) as r:
+                snaps = [e for e in json.loads(r.read())["items"] if e["type"] == "snapshot.succeeded"
+                         and e["ts"] > cmd["issued"]]
+            if cmd["state"] == "accepted" and snaps:
+                break
+            assert time.monotonic() < deadline, f"{cmd} {snaps}"
+            time.sleep(1)
+        _screenshots(url)
         # The dashboard is served, offline (no external URL in the page).
         with urllib.request.urlopen(f"{url}/dashboard/", timeout=5) as r:
             page = r.read().decode()

@@ -191,10 +191,12 @@ function onChange(change) {
   scheduleRefresh();
 }
 
-// Many changes in a burst (a fleet reconnecting) become one re-read.
+// Many changes in a burst (a fleet reconnecting) become one re-read; a large fleet re-reads less
+// often (every site reports every 30 s or so: 1000 sites would otherwise mean a re-read per change).
 function scheduleRefresh() {
   if (refreshTimer) return;
-  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 250);
+  const sites = page === "overview" && lastDoc ? lastDoc.total : 0;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, Math.min(5000, 250 + sites * 5));
 }
 
 async function refresh() {
@@ -354,7 +356,8 @@ function renderSite(doc) {
   const fact = (k, v) => h("div", {}, h("dt", { text: k }), h("dd", {}, v));
   document.getElementById("site-facts").replaceChildren(
     fact("reason", s.state_reason || "–"),
-    fact("bundle", s.bundle ? `${s.bundle} (${s.install_state})` : `none (${s.install_state || "idle"})`),
+    fact("bundle", s.bundle ? (s.install_state && s.install_state !== "idle" ? `${s.bundle} (${s.install_state})` : s.bundle)
+      : `none${s.install_state && s.install_state !== "idle" ? ` (${s.install_state})` : ""}`),
     fact("last seen", ago(s.last_seen)),
     fact("agent", s.agent_version || "–"),
     fact("link", s.online === false ? "offline" : s.online ? "online" : "–"),

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sim import resources
+from sim import patching, resources
 
 OUT = Path(__file__).with_name("openapi_data") / "builtin.json"
 _PRIM: dict[str, dict[str, Any]] = {"str": {"type": "string"}, "int": {"type": "integer", "format": "int32"},
@@ -43,6 +43,22 @@ def _name(cls_name: str) -> str:
         taken = short in _ASSIGNED.values()
         _ASSIGNED[cls_name] = f"io.k8s.api.sim.{cls_name}" if taken else short
     return _ASSIGNED[cls_name]
+
+
+def _list_extensions(cls_name: str, field: str) -> dict[str, Any]:
+    """Strategic-merge and list-type markers, which kubectl's three-way apply patch computation reads."""
+    if field == "finalizers":
+        return {"x-kubernetes-list-type": "set", "x-kubernetes-patch-strategy": "merge"}
+    keys: tuple[str, ...] | None
+    if field == "ports":
+        keys = {"V1Container": ("containerPort", "protocol"), "V1EphemeralContainer": ("containerPort", "protocol"),
+                "V1ServiceSpec": ("port", "protocol")}.get(cls_name)
+    else:
+        keys = patching.MERGE_KEYS.get(field)
+    if not keys:
+        return {}
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys),
+            "x-kubernetes-patch-merge-key": keys[0], "x-kubernetes-patch-strategy": "merge"}
 
 
 def _description(cls: Any, attr: str) -> str:
@@ -86,6 +102,8 @@ def main() -> None:
         for attr, t in cls.openapi_types.items():
             json_name = cls.attribute_map[attr]
             s = type_schema(t)
+            if t.startswith("list["):
+                s.update(_list_extensions(cls_name, json_name))
             desc = _description(cls, attr)
             if desc:
                 s["description"] = desc

@@ -269,3 +269,23 @@ spec:
     kubectl("delete", "crd", "widgets.example.com")
     proc = kubectl.run("get", "widgets.example.com", "-n", "default", check=False)
     assert proc.returncode != 0
+
+
+def test_client_side_apply_describe_rollout_undo_and_auth(kubectl: Kubectl) -> None:
+    dep = DEPLOY.split("---")[1].replace("name: web", "name: csa").replace("namespace: shop", "namespace: default")
+    dep = dep.replace("app: web", "app: csa")
+    assert "deployment.apps/csa created" in kubectl("apply", "-f", "-", stdin=dep)
+    assert "deployment.apps/csa unchanged" in kubectl("apply", "-f", "-", stdin=dep)
+    kubectl("rollout", "status", "deployment/csa", "--timeout=30s")
+    described = kubectl("describe", "pods", "-l", "app=csa")
+    assert "Successfully assigned default/csa-" in described and "default-scheduler" in described
+    assert "node.kubernetes.io/unreachable:NoExecute op=Exists for 300s" in described
+    kubectl("rollout", "restart", "deployment/csa")
+    kubectl("rollout", "status", "deployment/csa", "--timeout=30s")
+    assert "rolled back" in kubectl("rollout", "undo", "deployment/csa")
+    kubectl("rollout", "status", "deployment/csa", "--timeout=30s")
+    history = kubectl("rollout", "history", "deployment/csa")
+    assert "3 " in history  # revisions 1 (undone into 3) and 2
+    assert kubectl("auth", "can-i", "create", "pods").strip() == "yes"
+    kubectl("delete", "deployment", "csa", "--wait=true", "--timeout=30s")
+    _wait(lambda: not kubectl("get", "pods", "-l", "app=csa", "-o", "name").strip())

@@ -54,6 +54,17 @@ MIGRATIONS = [
     "ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
     "UPDATE outbox SET size=length(payload)",
     "CREATE INDEX outbox_evict ON outbox(priority, id)",
+    # Running totals kept by triggers, so the bound check on every enqueue is O(1), not a scan.
+    """CREATE TABLE outbox_totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1), count INTEGER NOT NULL, bytes INTEGER NOT NULL
+    )""",
+    "INSERT INTO outbox_totals(id, count, bytes) SELECT 1, COUNT(*), COALESCE(SUM(size), 0) FROM outbox",
+    """CREATE TRIGGER outbox_totals_insert AFTER INSERT ON outbox BEGIN
+        UPDATE outbox_totals SET count = count + 1, bytes = bytes + NEW.size WHERE id = 1;
+    END""",
+    """CREATE TRIGGER outbox_totals_delete AFTER DELETE ON outbox BEGIN
+        UPDATE outbox_totals SET count = count - 1, bytes = bytes - OLD.size WHERE id = 1;
+    END""",
 ]
 
 SEQ_KEY = "protocol.seq"
@@ -188,14 +199,16 @@ def enforce(store: StateStore, *, site: str, now: float | None = None) -> int:
     bounds = limits(store)
     now = time.time() if now is None else now
     with store.transaction() as db:
-        count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        count, total = db.execute("SELECT count, bytes FROM outbox_totals WHERE id = 1").fetchone()
         cutoff = now - bounds.max_age_seconds
-        victims: list[Any] = list(
-            db.execute(
-                "SELECT id, seq, size, payload FROM outbox WHERE channel != 'status' AND created < ? ORDER BY id",
-                (cutoff,),
-            )
-        )
+        victims: list[Any] = []
+        # Rows are written in time order, so the aged ones are a prefix in id order: stop at the first young one
+        # (after a backwards clock step a few aged rows may wait until they reach the front; nothing is lost).
+        aged_query = "SELECT id, seq, size, payload, created FROM outbox WHERE channel != 'status' ORDER BY id"
+        for row in db.execute(aged_query):
+            if row["created"] >= cutoff:
+                break
+            victims.append(row)
         reason = "age" if victims else ""
         count -= len(victims)
         total -= sum(v["size"] for v in victims)
@@ -314,9 +327,9 @@ def ack(store: StateStore, row_id: int) -> None:
 
 def stats(store: StateStore, *, now: float | None = None) -> Stats:
     _ensure(store)
-    count, total, oldest = store.db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM outbox"
-    ).fetchone()
+    count, total = store.db.execute("SELECT count, bytes FROM outbox_totals WHERE id = 1").fetchone()
+    first = store.db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+    oldest = None if first is None else first["created"]
     DEPTH.set(count)
     DEPTH_BYTES.set(total)
     age = None if oldest is None else max(0.0, (time.time() if now is None else now) - oldest)

@@ -72,6 +72,8 @@ def _summary(m: Manifest) -> dict[str, Any]:
             for c in m.install_order()
         ],
         "needsHelm": [c.name for c in m.components if not c.rendered],
+        "base": m.base.model_dump() if m.base else None,  # a delta bundle needs this bundle on the site
+        "imageBlobs": sum(1 for f in m.files if f.path.startswith(bundle_images.IMAGES_DIR + "/blobs/")),
     }
 
 
@@ -242,7 +244,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{len(env.signatures)} signature(s): {', '.join(s.keyid[:16] for s in env.signatures) or 'none'}; "
         f"root chain links: {len(chain)}\n"
         f"{len(m.files)} files, {m.payload_bytes} payload bytes\n"
-        f"tiers: " + "; ".join(
+        + (f"delta: needs base bundle {m.base.name}-{m.base.version} (release {m.base.release}) on the site\n"
+           if m.base else "")
+        + "tiers: " + "; ".join(
             f"{t}: {p.priority_class_name}{' +cp' if p.tolerate_control_plane else ''}{' spread' if p.spread else ''}"
             for t, p in sorted(m.tiers.items())
         ) + "\n" + _components_table(m)

@@ -67,6 +67,16 @@ async def test_status_and_online_are_retained_for_late_subscribers(broker: Broke
         assert not task.done()
 
 
+async def test_limp_home_slows_status_reports(broker: Broker, make_agent: Any) -> None:
+    agent = make_agent(broker, status_interval_seconds=30, limp_status_interval_seconds=300)
+    agent.ctx.limp_home.set()
+    collector = Collector()
+    async with running(collect(broker, collector)), running(link.run(agent.ctx)):
+        await collector.wait_for(lambda c: c.of_type(protocol.Status))
+    # The hub judges staleness by the interval the site announces.
+    assert collector.of_type(protocol.Status)[0].interval_seconds == 300
+
+
 @pytest.mark.parametrize("version", PROTOCOLS)
 async def test_outage_every_event_delivered_once_in_order(broker: Broker, make_agent: Any, version: str) -> None:
     """Broker really down while events accumulate; after it returns: all there, in order."""

@@ -143,3 +143,18 @@ def test_oversized_event_keeps_its_summary_and_loses_its_data(tmp_path: Path) ->
     assert isinstance(event, protocol.Event) and event.summary == "keep me" and event.data["truncated"] is True
     assert json.loads(row.payload)["data"]["original_bytes"] > protocol.MAX_EVENT_BYTES
     store.close()
+
+
+def test_running_totals_match_the_rows(tmp_path: Path) -> None:
+    """The O(1) bound check trusts trigger-maintained totals: they must equal a full count."""
+    store = StateStore.open(tmp_path)
+    outbox.configure(store, outbox.Limits(max_messages=30, max_bytes=10**9, max_age_seconds=10**9))
+    _emit(store, 50)
+    for row in outbox.pending(store, limit=7):
+        outbox.ack(store, row.id)
+    outbox.enqueue(store, protocol.Status(site="s1", seq=outbox.next_seq(store), state=protocol.SiteState.RED),
+                   channel=protocol.Channel.STATUS)
+    count, total = store.db.execute("SELECT COUNT(*), SUM(size) FROM outbox").fetchone()
+    stats = outbox.stats(store)
+    assert (stats.messages, stats.bytes) == (count, total)
+    store.close()

@@ -38,6 +38,7 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge
 
 from agent import commands, outbox, protocol, sitestatus
@@ -220,7 +221,12 @@ async def _session(
         online, protocol.Online(site=ctx.site, seq=outbox.next_seq(ctx.store), online=True).to_bytes(),
         qos=1, retain=True,
     )
-    await client.subscribe(protocol.topic(ctx.site, protocol.Channel.COMMANDS), qos=1)
+    granted = await client.subscribe(protocol.topic(ctx.site, protocol.Channel.COMMANDS), qos=1)
+    codes = [code.value if isinstance(code, ReasonCode) else int(code) for code in granted]
+    if any(code >= 0x80 for code in codes):
+        # The link still delivers status and events; only commands are cut off. Say so loudly.
+        log.error("broker refused the commands subscription (check the broker ACL for this site's certificate)",
+                  codes=codes)
     ctx.report_now.set()  # a fresh status right after (re)connecting
     try:
         await _first_failure(_drain(ctx, client, bucket=bucket, wake=wake), _receive(ctx, client, running=running))

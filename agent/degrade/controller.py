@@ -89,6 +89,8 @@ class Controller:
     last_restore: float = float("-inf")
     deleted_pods: set[str] = field(default_factory=set)
     saved_tracker: dict[str, Any] = field(default_factory=dict)
+    #: Until then lease ages are not yet meaningful (after a restart or an API outage): no restores.
+    grace_until: float = 0.0
     #: False until one full pass looked at the workloads (adopting annotations without a journal row).
     reconciled: bool = False
 
@@ -110,7 +112,13 @@ class Controller:
         )
         if state is protocol.SiteState.RED:
             ctx.limp_home.set()
+        ctl.start_grace(clock())
         return ctl
+
+    def start_grace(self, now: float) -> None:
+        """A fresh lease window for every node, and no restores until it has passed (see tracker)."""
+        self.tracker.grace(now=now)
+        self.grace_until = now + self.cfg.lease_timeout_seconds
 
     @property
     def cfg(self) -> Any:
@@ -126,6 +134,8 @@ class Controller:
         except kube.KubeUnavailable as exc:
             self.unreachable(str(exc), now=now)
             return
+        if self.unreachable_since is not None:
+            self.start_grace(now)
         self.unreachable_since = None
         renew = {
             str((lease.get("metadata") or {}).get("name")): str((lease.get("spec") or {}).get("renewTime") or "")
@@ -189,7 +199,9 @@ class Controller:
         #    with capacity beyond what was left at the last scale-down (a node came back past its
         #    recover dwell), never because a re-plan on the same nodes packs differently.
         baseline = self.ctx.store.get(BASELINE_KEY)
-        grow = not capacity_lost or (isinstance(baseline, list) and bool(set(available) - set(baseline)))
+        grow = now >= self.grace_until and (
+            not capacity_lost or (isinstance(baseline, list) and bool(set(available) - set(baseline)))
+        )
         journal = records.load(self.ctx.store)
         await self.restore(api, by_key=by_key, journal=journal, plan=plan, now=now, grow=grow)
         if not journal and baseline is not None:

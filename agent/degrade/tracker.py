@@ -12,13 +12,14 @@ continues the same timers instead of re-learning (and, e.g., restoring too early
 Lease staleness is measured on the agent's clock from the moment a *change* of the lease's
 ``renewTime`` was last seen, not by comparing ``renewTime`` with the agent's clock: the worker's
 kubelet writes ``renewTime`` with its own clock, and a skewed worker clock must not fake a dead node.
+For the same reason a restarted agent (or one whose API server was unreachable) gives every lease
+a fresh timeout window instead of trusting timestamps from before the gap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 from agent import placement, protocol
@@ -50,20 +51,25 @@ class Tracker:
     def lease_fresh(self, node: str, renew_time: str | None, *, now: float, timeout: float) -> bool | None:
         """Whether ``node``'s lease was renewed within ``timeout``; None if it has no lease.
 
-        A lease seen for the first time gets the benefit of the doubt only as far as its own
-        ``renewTime`` allows: one already older than ``timeout`` counts as stale right away.
+        A lease seen for the first time counts as just renewed: after a power cut of the whole
+        site every lease is old by the wall clock, and declaring every node dead at boot would
+        scale the platform down for nothing. A dead node is still caught ``timeout`` later.
         """
         if renew_time is None:
             self.leases.pop(node, None)
             return None
         seen = self.leases.get(node)
         if seen is None:
-            age = _age(renew_time, now=now)
-            start = now - min(max(age, 0.0), timeout + 1.0) if age is not None else now
-            self.leases[node] = seen = LeaseSeen(renew=renew_time, seen=start)
+            self.leases[node] = seen = LeaseSeen(renew=renew_time, seen=now)
         elif seen.renew != renew_time:
             seen.renew, seen.seen = renew_time, now
         return now - seen.seen <= timeout
+
+    def grace(self, *, now: float) -> None:
+        """Restart every lease's timeout window: after an agent restart or an API outage, kubelets
+        could not renew (or the agent could not see it), which says nothing about the nodes."""
+        for seen in self.leases.values():
+            seen.seen = max(seen.seen, now)
 
     # ------------------------------------------------------------------ hysteresis
 
@@ -128,13 +134,6 @@ class Tracker:
             except (KeyError, TypeError, ValueError):
                 continue
         return tracker
-
-
-def _age(renew_time: str, *, now: float) -> float | None:
-    try:
-        return now - datetime.fromisoformat(renew_time.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # --------------------------------------------------------------------------- site state

@@ -76,6 +76,9 @@ async def test_events_reach_the_hub_after_the_broker_returns(tmp_path: Path) -> 
                 await h.eventually(lambda: _async(hub.ingest.subscribed.is_set()), timeout=15, what="hub subscribed")
                 await h.eventually(lambda: _async((ctx.store.get(sitestatus.DEGRADATION_KEY) or {}).get("state")
                                                   == "green"), timeout=15, what="green")  # fmt: skip
+                # The whole path works before the outage: the hub knows the site is online.
+                await h.eventually(lambda: _async(bool((hub.ctx.store.get_site(SITE) or {}).get("online"))),
+                                   timeout=15, what="the site online at the hub")  # fmt: skip
                 broker.stop()  # the broker is down for the whole episode
 
                 await site.fail_node("agent-1")

@@ -281,10 +281,13 @@ def test_lease_staleness_on_agent_clock() -> None:
     assert t.lease_fresh("a", skewed, now=1019, timeout=20) is True
     assert t.lease_fresh("a", skewed, now=1021, timeout=20) is False
     assert t.lease_fresh("a", "2099-01-01T00:00:10.000000Z", now=1022, timeout=20) is True
-    # First sight of an already old lease: stale at once.
-    minute_later = 946684860.0  # 2000-01-01T00:01:00Z
-    assert t.lease_fresh("b", "2000-01-01T00:00:00Z", now=minute_later, timeout=20) is False
-    assert t.lease_fresh("b2", "2000-01-01T00:00:50Z", now=minute_later, timeout=20) is True
+    # First sight of an old lease (a site powering up): one fresh timeout window, then stale.
+    assert t.lease_fresh("b", "2000-01-01T00:00:00Z", now=2000, timeout=20) is True
+    assert t.lease_fresh("b", "2000-01-01T00:00:00Z", now=2021, timeout=20) is False
+    # After a gap (agent restart, API outage) every lease gets a new window.
+    t.grace(now=2030)
+    assert t.lease_fresh("b", "2000-01-01T00:00:00Z", now=2049, timeout=20) is True
+    assert t.lease_fresh("b", "2000-01-01T00:00:00Z", now=2051, timeout=20) is False
     assert t.lease_fresh("c", None, now=1000, timeout=20) is None
 
 

@@ -84,6 +84,8 @@ async def run_once(*, speed: float, agent: bool, workdir: Path, timeout: float) 
                     lambda: _async((ctx.store.get(sitestatus.DEGRADATION_KEY) or {}).get("state") == "green"),
                     timeout=30, what="agent green",
                 )  # fmt: skip
+                # A long-running agent, not one that just started: past its first lease window.
+                await asyncio.sleep(config.degradation.lease_timeout_seconds + 1)
             victim, hurt = await _victim(api)
             live = {"server-0", *WORKERS} - {victim}
             await asyncio.to_thread(site.fail_node, victim)

@@ -304,3 +304,42 @@ async def test_scale_and_status_subresources() -> None:
         d.status.ready_replicas = 99
         d2 = await apps.replace_namespaced_deployment("s", "default", d)
         assert d2.status.ready_replicas == 3
+
+
+async def test_raw_http_status_codes() -> None:
+    async with sim.testing.running(speed=50) as site, aiohttp.ClientSession() as s:
+        base = site.url + "/api/v1/namespaces/default/configmaps"
+
+        async def call(method: str, url: str, **kw: object) -> tuple[int, dict[str, object]]:
+            async with s.request(method, url, **kw) as resp:  # type: ignore[arg-type]
+                return resp.status, await resp.json()
+
+        code, body = await call("POST", base, data=b"{not json", headers={"Content-Type": "application/json"})
+        assert code == 400 and body["reason"] == "BadRequest"
+        code, body = await call("POST", base, json={"metadata": {"name": "a"}})
+        assert code == 201 and body["metadata"]["name"] == "a"
+        code, body = await call("POST", base + "/a", json={"metadata": {"name": "a"}})
+        assert code == 405 and body["reason"] == "MethodNotAllowed"
+        code, body = await call("PATCH", base + "/a", data=b"{}", headers={"Content-Type": "text/plain"})
+        assert code == 415 and body["reason"] == "UnsupportedMediaType"
+        code, body = await call("GET", site.url + "/apis/nope.example.com/v1/things")
+        assert code == 404 and body["kind"] == "Status"
+        code, body = await call("POST", base, json={"metadata": {"name": "b", "namespace": "other"}})
+        assert code == 400 and "does not match the namespace" in str(body["message"])
+        code, body = await call("GET", site.url + "/api/v1/pods?fieldSelector=spec.nodeName%3Dagent-0")
+        assert code == 200 and body["kind"] == "PodList"
+        for i in range(3):
+            await call("POST", base, json={"metadata": {"name": f"p{i}"}})
+        code, page = await call("GET", base + "?limit=1")
+        token = page["metadata"]["continue"]  # type: ignore[index]
+        await call("POST", base, json={"metadata": {"name": "later"}})
+        site.cluster.store.compact()  # the list's revision is now older than the compacted history
+        code, body = await call("GET", base + f"?limit=1&continue={token}")
+        assert code == 410 and body["reason"] == "Expired"
+        code, body = await call("GET", site.url + "/version")
+        assert (body["major"], body["minor"]) == ("1", "33")
+        async with s.get(site.url + "/apis", headers={
+                "Accept": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"}) as resp:
+            assert resp.headers["Content-Type"].startswith("application/json;g=apidiscovery.k8s.io;v=v2")
+            groups = {g["metadata"]["name"] for g in (await resp.json())["items"]}
+        assert {"apps", "batch", "coordination.k8s.io", "scheduling.k8s.io", "apiextensions.k8s.io"} <= groups

@@ -8,14 +8,14 @@ Bounds and what gives (docs/protocol.md, "Outbox"):
 
 * Status samples are compacted: only the newest unsent status is kept (latest wins).
 * Events and replies are never compacted. They are bounded by count, bytes and age
-  (:class:`Limits`). When a bound is exceeded, the outbox drops unsent rows down to 90 % of
+  (:class:`Limits`). When a bound is exceeded, the outbox drops unsent rows down to 98 % of
   the bound, *lowest severity first, oldest first within a severity* (info events, then
   warnings and replies, then errors), and writes one ``outbox.overflow`` error event saying
   how many, which sequence numbers and which event types were lost; the
   ``edgefleet_outbox_dropped_total`` counter counts them too. The site keeps working: refusing
   new events instead would blind the hub to the newest state, which matters most when the link
-  comes back. Dropping to a low-water mark makes overflow reports arrive in batches rather than
-  one per event, so the report cannot itself fill the outbox.
+  comes back. Dropping to a low-water mark batches the work; an unsent overflow report is folded
+  into the next one (cumulative), so reports cannot themselves fill the outbox.
 * Rows older than the age bound are dropped the same way (reason ``age``).
 """
 
@@ -70,7 +70,7 @@ MIGRATIONS = [
 SEQ_KEY = "protocol.seq"
 LIMITS_KEY = "outbox.limits"
 #: After an overflow the outbox is trimmed to this fraction of each bound.
-LOW_WATER = 0.9
+LOW_WATER = 0.98
 OVERFLOW_EVENT = "outbox.overflow"
 OVERFLOW_PENDING_KEY = "outbox.overflow_pending"
 

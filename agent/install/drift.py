@@ -36,8 +36,6 @@ log = structlog.get_logger("edgefleet.drift")
 
 HEALTH_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CustomResourceDefinition")
 TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
-#: Above this many changed objects in one component, LIST them instead of one GET each.
-FULL_LIST_OVER = 8
 
 
 def contains(want: Any, have: Any) -> bool:
@@ -216,21 +214,15 @@ class Supervisor:
             versions.update(await self._versions(api_version, kind, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
                             or {})
         for unit in spec.units:
-            selector = f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY},{model.LABEL_COMPONENT}={unit.name}"
             suspect = [k for k in unit.keys if k not in versions or versions[k] != self.verified.get(k)]
             if not suspect:
                 continue
-            live: dict[str, dict[str, Any]] = {}
-            changed = [k for k in suspect if k in versions]
-            if len(changed) > FULL_LIST_OVER:  # cheaper as one LIST per kind than one GET per object
-                for api_version, kind in sorted(unit.kinds):
-                    live.update(await self._list(api_version, kind, selector) or {})
+            # One GET per changed object, not a LIST of the component: the first pass after a
+            # start reads everything, and a LIST of big CRDs would balloon the heap for good.
             wanted = set(suspect)
             for obj in sorted((o for o in unit.objects if model.Ref.of(o).key in wanted), key=render.order_key):
                 key = model.Ref.of(obj).key
-                have = live.get(key)
-                if have is None and key in versions:
-                    have = await self._get(obj)
+                have = await self._get(obj) if key in versions else None
                 if have is not None:
                     want = render.keep_live_replicas(obj, have)
                     if not differs(want, have):
@@ -245,7 +237,6 @@ class Supervisor:
                 repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
                 kinds_fixed[str(obj["kind"])] += 1
                 metrics.DRIFT_REPAIRS.labels(str(obj["kind"])).inc()
-            del live
         if repaired:
             self.ctx.emit(
                 "drift.repaired", f"{len(repaired)} platform objects brought back to {spec.label}",

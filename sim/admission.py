@@ -54,6 +54,12 @@ def _default_pod_spec(spec: dict[str, Any]) -> None:
     _default_containers(spec)
 
 
+def _shown_name(meta: dict[str, Any]) -> str:
+    """Admission errors name a generated pod by its generateName prefix (``web-5d4b9c8c7b-``), as for real."""
+    name, prefix = meta.get("name", ""), meta.get("generateName", "")
+    return str(prefix if prefix and name.startswith(prefix) else name)
+
+
 def _priority(api: ApiServer, spec: dict[str, Any], name: str) -> None:
     pc_name = spec.get("priorityClassName")
     if pc_name:
@@ -113,7 +119,7 @@ def mutate(api: ApiServer, res: resources.Resource, obj: dict[str, Any], old: di
         spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
         spec.setdefault("serviceAccount", spec["serviceAccountName"])
         spec.setdefault("enableServiceLinks", True)
-        _priority(api, spec, meta.get("name", ""))
+        _priority(api, spec, _shown_name(meta))
         _default_tolerations(spec)
         status = obj.setdefault("status", {})
         status.setdefault("phase", "Pending")
@@ -200,6 +206,6 @@ def admit(api: ApiServer, res: resources.Resource, obj: dict[str, Any], old: dic
     sa = (obj.get("spec") or {}).get("serviceAccountName") or "default"
     if api.get(("", "serviceaccounts"), meta.get("namespace", ""), sa) is None:
         raise errors.ApiError(
-            403, f'pods "{meta.get("name", "")}" is forbidden: error looking up service account '
+            403, f'pods "{_shown_name(meta)}" is forbidden: error looking up service account '
             f'{meta.get("namespace", "")}/{sa}: serviceaccount "{sa}" not found',
             details={"name": meta.get("name", ""), "kind": "pods"})

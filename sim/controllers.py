@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import math
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from sim import apiserver, errors, selectors
@@ -93,7 +92,9 @@ class Controllers:
         self.api = cluster.api
         self.dirty: set[tuple[str, str, str]] = set()
         self.foreground_pending = False
-        self._retry_armed = False
+        self._backoff: dict[tuple[str, str, str], float] = {}
+        self._armed: set[tuple[str, str, str]] = set()
+        self._failed: set[tuple[str, str, str]] = set()
 
     # --- event routing -----------------------------------------------------------------------------------------
     def on_event(self, ev: Event) -> None:
@@ -131,16 +132,21 @@ class Controllers:
             for e in self.c.store.iter(key):
                 self.dirty.add((kind, e.namespace, e.name))
 
-    def _retry_later(self) -> None:
-        if self._retry_armed:
+    def _retry_later(self, kind: str, ns: str, name: str) -> None:
+        """Re-sync one object later with exponential backoff (controller_retry doubling up to 5 sim-minutes),
+        like a workqueue's rate limiter; a success (``_backoff_reset``) starts over."""
+        key = (kind, ns, name)
+        if key in self._armed:
             return
-        self._retry_armed = True
+        delay = self._backoff.get(key, self.c.timing.controller_retry)
+        self._backoff[key] = min(delay * 2, 300.0)
+        self._armed.add(key)
 
         def fire() -> None:
-            self._retry_armed = False
-            self._retry_all()
+            self._armed.discard(key)
+            self.dirty.add(key)
 
-        self.c.later(self.c.timing.controller_retry, fire)
+        self.c.later(delay, fire)
 
     def sync_all(self) -> None:
         self._retry_all()
@@ -155,14 +161,20 @@ class Controllers:
             batch = sorted(self.dirty)
             self.dirty.clear()
             for kind, ns, name in batch:
+                key = (kind, ns, name)
+                self._failed.discard(key)
                 try:
                     getattr(self, f"_sync_{kind.lower()}")(ns, name)
                 except errors.ApiError as exc:
                     if exc.code == 409:
-                        self.dirty.add((kind, ns, name))
-                    else:
-                        self.c.log(f"{kind} {ns}/{name}: {exc.message}")
-                        self._retry_later()
+                        self.dirty.add(key)
+                        continue
+                    self.c.log(f"{kind} {ns}/{name}: {exc.message}")
+                    self._failed.add(key)
+                if key in self._failed:
+                    self._retry_later(kind, ns, name)
+                else:
+                    self._backoff.pop(key, None)
         if self.dirty:
             self.c.wake()
 
@@ -208,7 +220,7 @@ class Controllers:
         if name:
             pod["metadata"]["name"] = name
         else:
-            pod["metadata"]["name"] = generate + uuid.uuid4().hex[:5]
+            pod["metadata"]["generateName"] = generate
         if mutate:
             mutate(pod)
         try:
@@ -220,7 +232,7 @@ class Controllers:
                 self.c.log(f"{owner['kind']} {owner['metadata']['namespace']}/{owner['metadata']['name']}: "
                            f"FailedCreate: {exc.message}")
                 self._event(owner, "Warning", "FailedCreate", f"Error creating: {exc.message}")
-                self._retry_later()
+                self._failed.add((owner["kind"], owner["metadata"]["namespace"], owner["metadata"]["name"]))
             return False
 
     def _delete_pod(self, pod: dict[str, Any]) -> None:

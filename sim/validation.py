@@ -127,6 +127,12 @@ def validate(kind: str, obj: dict[str, Any], *, plural: str = "", group: str = "
                                        "`selector` does not match template `labels`"))
         if not ((spec.get("template") or {}).get("spec") or {}).get("containers"):
             causes.append(_required("spec.template.spec.containers"))
-    if kind == "Pod" and not (obj.get("spec") or {}).get("containers"):
-        causes.append(_required("spec.containers"))
+    if kind == "Pod":
+        spec = obj.get("spec") or {}
+        if not spec.get("containers"):
+            causes.append(_required("spec.containers"))
+        for field in ("hostname", "subdomain"):
+            value = spec.get(field)
+            if value and (len(value) > 63 or not _LABEL1123.match(value)):
+                causes.append(_invalid(f"spec.{field}", value, MSG_LABEL1123))
     return causes

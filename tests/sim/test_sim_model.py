@@ -268,3 +268,28 @@ async def test_accelerated_clock_and_heartbeats() -> None:
         lease = site.cluster.api.get(("coordination.k8s.io", "leases"), "kube-node-lease", "agent-1")
         assert lease is not None and lease["spec"]["renewTime"] != first
         assert site.clock.speed == 200
+
+
+async def test_missing_service_account_fails_create_with_backoff_then_recovers() -> None:
+    async with sim.testing.running(speed=100) as site:
+        create(site, "apps", "deployments", deployment("late", 1, serviceAccountName="late-sa"))
+        await site.clock.sleep(60)  # 0.6 s real: retries back off (2, 4, 8, 16, 32 s ...)
+
+        def failed_creates() -> list[dict[str, Any]]:
+            return [e for e in site.cluster.api.list_objects(("", "events"), "default")
+                    if e["reason"] == "FailedCreate"]
+
+        events = failed_creates()
+        assert len(events) == 1 and 3 <= events[0]["count"] <= 8  # aggregated, and backing off
+        assert 'serviceaccount "late-sa" not found' in events[0]["message"]
+        assert not pods(site, labelled("late"))
+        create(site, "", "serviceaccounts", {"metadata": {"name": "late-sa"}})
+        await until(lambda: any(running(p) for p in pods(site, labelled("late"))))
+        # a StatefulSet whose serviceName is not a DNS label cannot create pods (spec.subdomain), as for real
+        sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "x"},
+               "spec": {"serviceName": "bad.name", "selector": {"matchLabels": {"app": "x"}},
+                        "template": {"metadata": {"labels": {"app": "x"}},
+                                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+        create(site, "apps", "statefulsets", sts)
+        msg = await until(lambda: next((e["message"] for e in failed_creates() if "x-0" in e["message"]), None))
+        assert 'spec.subdomain: Invalid value: "bad.name"' in msg

@@ -365,8 +365,16 @@ function renderSite(doc) {
   renderTimeline(doc.timeline, s);
   renderLayers(doc.layers, doc.nodes);
   const none = (cols, text) => [h("tr", { class: "empty" }, h("td", { colspan: cols, class: "muted", text }))];
-  document.querySelector("#events tbody").replaceChildren(...(doc.events.length ? [] : none(4, "no events yet")), ...doc.events.map((e) => h("tr", { "data-type": e.type },
-    h("td", {}, ago(e.ts)), h("td", { class: `sev-${e.severity}`, text: e.severity }), h("td", { text: e.type }), h("td", { text: e.summary }))));
+  // A controller repeating itself (the same event every second) is one line with a count.
+  const events = [];
+  for (const e of doc.events) {
+    const last = events[events.length - 1];
+    if (last && last.type === e.type && last.summary === e.summary && last.severity === e.severity) last.count += 1;
+    else events.push({ ...e, count: 1 });
+  }
+  document.querySelector("#events tbody").replaceChildren(...(events.length ? [] : none(4, "no events yet")), ...events.map((e) => h("tr", { "data-type": e.type },
+    h("td", {}, ago(e.ts)), h("td", { class: `sev-${e.severity}`, text: e.severity }), h("td", { text: e.type }),
+    h("td", {}, e.summary, e.count > 1 ? h("span", { class: "muted", text: ` (×${e.count}, latest shown)` }) : null))));
   const snap = s.snapshot;
   document.getElementById("snapshot-summary").textContent = snap
     ? `schedule ${snap.schedule || "?"}, allowed age ${fmtDuration(snap.max_age_seconds)}, failures in a row: ${snap.failures}`

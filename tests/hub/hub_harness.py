@@ -48,8 +48,10 @@ class Broker:
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir.chmod(0o777)  # mosquitto started as root drops to its own user; it must write here
         lines = [
+            # Started as root, mosquitto drops to its own user, which cannot enter pytest's 0700 temp
+            # dirs: persistence and the log would silently not be written. Stay root (tests only).
+            *(["user root"] if os.geteuid() == 0 else []),
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             "max_queued_messages 100000",

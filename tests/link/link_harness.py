@@ -86,6 +86,7 @@ class Broker:
     pki: PKI
     port: int = field(default_factory=free_port)  # the sites listener
     hub_port: int = field(default_factory=free_port)  # the hub listener
+    crl: Path | None = None  # enables the shipped (commented) crlfile line
     proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> Path:
@@ -103,6 +104,8 @@ class Broker:
             "listener 8884": f"listener {self.hub_port} 127.0.0.1",
             "log_dest stdout": f"log_dest file {self.workdir}/mosquitto.log",
         }
+        if self.crl is not None:
+            replacements[f"#crlfile {etc}crl.pem"] = f"crlfile {self.crl}"
         text = (DEPLOY / "mosquitto.conf").read_text()
         for old, new in replacements.items():
             assert old in text, old

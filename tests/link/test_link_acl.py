@@ -147,3 +147,21 @@ async def test_hub_replicas_choose_their_client_ids(broker: Broker) -> None:
                     collector.raw.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
                     break
     assert len(collector.raw) == 2
+
+
+async def test_revoked_site_certificate_is_refused(broker: Broker, pki: PKI, tmp_path: Path) -> None:
+    async with mqtt_client(broker, "site-c"):  # valid until revoked
+        pass
+    fleetca = load_fleetca()
+    crl = fleetca.revoke(pki.ca.parent, cn="site-c")
+    with_crl = Broker(workdir=tmp_path / "broker-crl", pki=pki, crl=crl)
+    with_crl.workdir.mkdir()
+    with_crl.start()
+    try:
+        with pytest.raises(aiomqtt.MqttError):
+            async with mqtt_client(with_crl, "site-c", timeout=2):
+                pass
+        async with mqtt_client(with_crl, "site-a") as site:  # everyone else is unaffected
+            await site.publish(protocol.topic("site-a", protocol.Channel.EVENTS), _event("site-a", 1, "ok"), qos=1)
+    finally:
+        with_crl.stop()

@@ -169,6 +169,8 @@ class Cluster:
                 fn(*args)
             except errors.ApiError as exc:
                 self.log(f"timer {getattr(fn, '__name__', fn)}: {exc.message}")
+            except Exception as exc:  # a model bug must not kill the event loop's callbacks
+                self.log(f"timer {getattr(fn, '__name__', fn)} failed: {exc!r}")
             self.wake()
 
         h = self.clock.call_later(sim_seconds, run)
@@ -270,13 +272,16 @@ class Cluster:
                 if node.state == "up":
                     try:
                         self._renew_lease(node)
-                    except errors.ApiError as exc:
-                        self.log(f"lease renewal of {node.name}: {exc.message}")
+                    except Exception as exc:  # keep the other kubelets beating
+                        self.log(f"lease renewal of {node.name}: {exc!r}")
 
     async def _node_monitor_loop(self) -> None:
         while True:
             await self.clock.sleep(min(self.timing.node_monitor_period, self.timing.node_monitor_grace / 4))
-            self.monitor_nodes()
+            try:
+                self.monitor_nodes()
+            except Exception as exc:  # the monitor must keep running
+                self.log(f"node monitor: {exc!r}")
 
     def monitor_nodes(self) -> None:
         now = self.clock.monotonic()
@@ -562,6 +567,8 @@ class Cluster:
 
         def finish() -> None:
             self._pod_timers.pop(key, None)
+            if node.state != "up":
+                return  # the node died meanwhile: the deletion is confirmed when it comes back
             cur = self.api.get(("", "pods"), pod["metadata"]["namespace"], pod["metadata"]["name"])
             if cur is not None and cur["metadata"].get("uid") == uid:
                 self.api.finish_pod(pod["metadata"]["namespace"], pod["metadata"]["name"])

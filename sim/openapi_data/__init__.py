@@ -1,0 +1,1 @@
+"""Generated OpenAPI data served by sim.openapi (see sim.openapi_gen)."""

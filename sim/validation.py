@@ -107,7 +107,7 @@ def validate(kind: str, obj: dict[str, Any], *, plural: str = "", group: str = "
     total = sum(len(k) + len(v if isinstance(v, str) else "") for k, v in annotations.items())
     if total > 256 * 1024:
         causes.append({"reason": "FieldValueTooLong",
-                       "message": "Too long: may not be more than 262144 bytes", "field": "metadata.annotations"})
+                       "message": "Too long: must have at most 262144 bytes", "field": "metadata.annotations"})
     if kind == "CustomResourceDefinition" and name:
         spec = obj.get("spec") or {}
         want = f"{(spec.get('names') or {}).get('plural', '')}.{spec.get('group', '')}"

@@ -90,6 +90,10 @@ def test_apply_whole_mirror_server_side(platform: Path, tmp_path: Path) -> None:
         k("apply", "--server-side", "-f", str(f))
         big = json.loads(k("get", "crd", "workflows.argoproj.io", "-o", "json"))
         assert len(json.dumps(big)) > 900_000  # the ~950 KiB CRD round-trips whole
+        # client-side apply of a CRD over 256 KiB fails on the last-applied annotation, as on a real server
+        proc = k.run("apply", "-f", str(mirror / "kyverno/v1.15.2/config/install-latest-testing.yaml"), check=False)
+        assert 'CustomResourceDefinition.apiextensions.k8s.io "policies.kyverno.io" is invalid: ' \
+               "metadata.annotations: Too long: must have at most 262144 bytes" in proc.stderr
         # re-applying is a no-op: nothing changes, no resourceVersion moves
         k("apply", "--server-side", "-f", str(f))
         again = json.loads(k("get", "crd", "workflows.argoproj.io", "-o", "json"))

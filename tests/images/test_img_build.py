@@ -129,3 +129,23 @@ def test_tampered_blob_in_bundle_is_rejected_store_untouched(tmp_path: Path) -> 
         verify.verify_and_stage(bad, root=trust.load_root(s.root_path), store_dir=store)
     assert [p.name for p in store.iterdir()] == []
     del m
+
+
+@pytest.mark.slow  # renders the whole IDP (~30 s on a loaded CI machine)
+def test_idp_profile_names_its_custom_resource_images(tmp_path: Path, platform: Path) -> None:
+    from bundles import build
+
+    prof = build.load_profile(build.DEFAULT_PROFILE)
+    rendered = build.render(prof, platform=platform / "idp-blueprint", mirror=platform / "mirror", work=tmp_path,
+                            allow_unrendered=True, prefer_mirror=True)
+    refs = bundle_images.referenced(rendered.components, rendered.sources, prof.image_fields)
+    assert refs["quay.io/prometheus/prometheus:v3.5.0"] == ["prometheus"]  # a Prometheus CR field
+    assert "roucru/idp-blueprint:ops" in refs  # a WorkflowTemplate script image
+    for r in refs:
+        bundle_images.parse_ref(r)
+    empty = tmp_path / "empty"
+    oci.init_layout(empty)
+    with pytest.raises(errors.BuildError, match=r"^image \S+ \(component [a-z-]+(, [a-z-]+)*\) is not in oci:"):
+        bundle_images.add_images(rendered.components, rendered.sources, fields=prof.image_fields,
+                                 options=bundle_images.Options(source=f"oci:{empty}", arches=("amd64",)),
+                                 work=tmp_path / "_images")

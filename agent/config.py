@@ -164,7 +164,7 @@ class SnapshotConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger  # noqa: PLC0415 - keep config import light
+        from apscheduler.triggers.cron import CronTrigger
 
         try:
             CronTrigger.from_crontab(value, timezone="UTC")
@@ -175,7 +175,7 @@ class SnapshotConfig(_Section):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
-        import zoneinfo  # noqa: PLC0415
+        import zoneinfo
 
         try:
             zoneinfo.ZoneInfo(value)

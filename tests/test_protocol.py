@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -41,15 +42,11 @@ def test_oversized_is_refused_before_parsing() -> None:
 
 @given(topic=st.text(max_size=80), payload=st.binary(max_size=2048))
 def test_any_input_parses_or_fails_cleanly(topic: str, payload: bytes) -> None:
-    try:
+    with contextlib.suppress(protocol.ProtocolError):
         protocol.parse_site_message(topic, payload)
-    except protocol.ProtocolError:
-        pass
 
 
 @given(payload=st.binary(max_size=2048))
 def test_any_command_payload_parses_or_fails_cleanly(payload: bytes) -> None:
-    try:
+    with contextlib.suppress(protocol.ProtocolError):
         protocol.parse_command_payload(payload)
-    except protocol.ProtocolError:
-        pass

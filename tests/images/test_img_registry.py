@@ -247,3 +247,23 @@ async def test_build_takes_images_from_a_registry_through_skopeo(tmp_path: Path)
         assert meta["images"][0]["sourceDigest"] == made["app"].digest  # tag resolved to the upstream digest
         assert made["app-arm64"].digest in meta["images"][0]["blobs"]
         assert made["app-amd64"].digest not in meta["images"][0]["blobs"]
+
+
+async def test_push_memory_is_bounded_whatever_the_layer_size(tmp_path: Path) -> None:
+    import tracemalloc
+
+    layout = tmp_path / "layout"
+    oci.add_image(layout, layers=[img_kit.layer(7, 48 << 20)], ref="quay.io/big/one:1")
+    meta = {"schemaVersion": 1, "images": [
+        {"ref": "quay.io/big/one:1", **{k: v for k, v in oci.read_index(layout)[0].to_json().items()
+                                        if k in ("digest", "size")}, "mediaType": oci.MT_MANIFEST}]}
+    (layout / bundle_images.META_NAME).write_text(__import__("json").dumps(meta))
+    with img_kit.registry(tmp_path / "reg") as reg:
+        tracemalloc.start()
+        try:
+            report = await registry.push(registry.Target(url=reg.url), layout)
+            _cur, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert report.bytes_uploaded > 48 << 20
+        assert peak < 8 << 20, f"push held {peak >> 20} MiB for a 48 MiB layer"

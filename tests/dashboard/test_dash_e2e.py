@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiomqtt
 import httpx
+import pytest
 from dash_harness import (
     ARTIFACTS,
     WRITE_TOKEN,
@@ -180,3 +181,34 @@ async def test_read_token_required_and_writes_refused(tmp_path: Path) -> None:
                 await page.wait_for_selector("#sites tbody tr[data-site='store-x']")
                 assert await page.is_hidden("#error")
                 await page.close()
+
+
+@pytest.mark.timeout(90)
+async def test_open_event_stream_does_not_hold_hub_shutdown(tmp_path: Path) -> None:
+    """A browser left open on the dashboard must not keep `Ctrl-C` from stopping the hub."""
+    import asyncio
+    import contextlib
+    import time
+
+    with mosquitto(tmp_path / "broker") as broker:
+        cfg = hub_config_for(tmp_path, broker.port)
+        http = httpx.AsyncClient(timeout=30)
+        try:
+            async with hub_running(cfg) as hub:
+                stream_cm = http.stream("GET", f"{hub.api_url}/dashboard/api/stream")
+                response = await stream_cm.__aenter__()
+                assert response.headers["content-type"].startswith("text/event-stream")
+                chunks = response.aiter_text()
+                got = ""
+                while "event: hello" not in got:
+                    got += await anext(chunks)
+                await _publish_status(broker.port, "store-s", 1, "green", "ok")
+                while "event: change" not in got:
+                    got += await anext(chunks)
+                assert '"kind":"site"' in got and '"site":"store-s"' in got
+                started = time.monotonic()
+            assert time.monotonic() - started < 10, "hub shutdown waited for the open stream"
+            with contextlib.suppress(httpx.HTTPError, TimeoutError):
+                await asyncio.wait_for(stream_cm.__aexit__(None, None, None), 10)
+        finally:
+            await http.aclose()

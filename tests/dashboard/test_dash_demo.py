@@ -132,8 +132,10 @@ def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform
     assert _leftovers(work) == [], "processes left behind after Ctrl-C"
     assert "stopped" in lines[-1]
 
-    # A second run in the same work dir starts from scratch and works (one site, to keep it short).
-    proc2, lines2 = _start(work, platform, "--sites", "1", "--until-installed", "--duration", "300")
+    # A second run in the same work dir starts from scratch and works (one site, to keep it short),
+    # this time on the embedded amqtt broker (MQTT 3.1.1) a machine without mosquitto would get.
+    proc2, lines2 = _start(work, platform, "--sites", "1", "--until-installed", "--duration", "300",
+                           "--broker", "amqtt")
     try:
         assert proc2.wait(400) == 0, "".join(lines2)
     finally:
@@ -141,6 +143,7 @@ def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform
             proc2.kill()
             proc2.wait()
     assert any("all 1 sites have the bundle installed" in line for line in lines2), "".join(lines2)
+    assert any("EMBEDDED amqtt, DEMO ONLY" in line for line in lines2)
     assert _leftovers(work) == []
 
 

@@ -126,7 +126,9 @@ async def load_for(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:
     ctx.store.put(f"images.{spec.label}", refs)
     from agent import imageload  # late: imageload imports this module
 
-    if ctx.config.install.image_loader == "registry" or imageload.layout_dir(spec) is not None:
+    loader = ctx.config.install.image_loader
+    layout = imageload.layout_dir(spec) is not None
+    if loader == "registry" or layout or (loader == "k3s-airgap" and not archives(spec)):
         return {"references": sum(len(v) for v in refs.values()), **await imageload.load(ctx, spec)}
     found = archives(spec)
     loaded = await loader_for(ctx.config.install.image_loader)(found) if found else []

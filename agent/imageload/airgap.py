@@ -87,6 +87,19 @@ def ctr_command() -> list[str] | None:
     return None
 
 
+async def ctr_images() -> set[str] | None:
+    """Image names containerd's ``k8s.io`` namespace has, or None without ctr (cannot tell)."""
+    cmd = ctr_command()
+    if cmd is None:
+        return None
+    ls = [*cmd[:-1], "ls", "-q"]
+    proc = await asyncio.create_subprocess_exec(*ls, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise OSError(f"{' '.join(ls)} failed: {' '.join(err.decode(errors='replace').split())[-300:]}")
+    return {line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()}
+
+
 async def ctr_import(path: Path) -> bool:
     """Import now when ctr exists; False when it does not (k3s imports at its next start)."""
     cmd = ctr_command()

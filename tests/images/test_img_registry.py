@@ -193,27 +193,39 @@ async def test_k3s_airgap_writes_archives_and_imports_with_ctr(tmp_path: Path, m
     bin_dir.mkdir()
     calls = tmp_path / "ctr-calls"
     ctr = bin_dir / "ctr"
+    names = tmp_path / "ctr-names"
     ctr.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
+                   f'case "$*" in *"images ls -q"*) cat {names} 2>/dev/null; exit 0;; esac\n'
                    'last=""; for a in "$@"; do last="$a"; done\n'
-                   'tar -tf "$last" | grep -q "^index.json$" || exit 3\n')
+                   'tar -tf "$last" | grep -q "^index.json$" || exit 3\n'
+                   f'tar -xOf "$last" index.json | grep -o \'"io.containerd.image.name": "[^"]*"\' '
+                   f'| sed \'s/.*: "\\(.*\\)"/\\1/\' >> {names}\n')
     ctr.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     images_dir = tmp_path / "k3s-images"
     ctx = img_kit.agent_ctx(tmp_path, loader="k3s-airgap", k3s_images_dir=str(images_dir))
     out = await agent_images.load_for(ctx, img_kit.spec_of(staged))
     assert out["archives"] == 3 and out["written"] == 3 and out["imported"] == 3
-    lines = calls.read_text().splitlines()
+    lines = [x for x in calls.read_text().splitlines() if " import " in x]
     assert len(lines) == 3 and all(x.startswith("-n k8s.io images import ") for x in lines)
+    assert set(names.read_text().split()) == {"registry.example.com/team/app:1.0", "docker.io/library/busybox:1.36",
+                                              "quay.io/acme/widget:2.1"}
     # each archive is a valid OCI layout skopeo can read, named like the pod templates
     for archive in sorted(images_dir.glob("*.tar")):
         proc = await asyncio.create_subprocess_exec("skopeo", "inspect", "--raw", f"oci-archive:{archive}",
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _o, err = await proc.communicate()
         assert proc.returncode == 0, err
-    names = {p.name.rsplit("-", 1)[0] for p in images_dir.glob("*.tar")}
-    assert len(names) == 3 and any("team_app_1.0" in n for n in names)
+    files = {p.name.rsplit("-", 1)[0] for p in images_dir.glob("*.tar")}
+    assert len(files) == 3 and any("team_app_1.0" in n for n in files)
     again = await agent_images.load_for(ctx, img_kit.spec_of(staged))
     assert again["written"] == 0  # already there: not rewritten
+    # a bundle without images whose images containerd lacks: the load fails naming one
+    names.write_text("docker.io/library/busybox:1.36\n")
+    bare = _stage(tmp_path, img_kit.Signer(tmp_path), None, "bare", release=2)
+    with pytest.raises(agent_images.ImageLoadError,
+                       match=r"component app: image registry.example.com/team/app:1.0 is missing: .* containerd"):
+        await agent_images.load_for(ctx, img_kit.spec_of(bare))
 
 
 async def test_build_takes_images_from_a_registry_through_skopeo(tmp_path: Path) -> None:

@@ -116,3 +116,31 @@ def test_snapshot_reported_by_event_and_status_is_listed_once() -> None:
     ]
     out = data.dedupe_snapshots(rows)
     assert [(r["source"], r["ok"]) for r in out] == [("event", True), ("event", False)]
+
+
+def test_overview_counts_stale_sites_as_stale_and_keeps_their_last_state(tmp_path: Path) -> None:
+    from agent import protocol
+    from hub.store import Received
+
+    store = open_store(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        ctx = HubContext(config=hub_config.HubConfig(data_dir=tmp_path), store=store)
+        now = datetime.now(UTC)
+        snap = protocol.SnapshotInfo(last_success=now - timedelta(hours=1), max_age_seconds=600, schedule="*/5 * * * *")
+        msgs = [
+            Received(protocol.Status(site="fresh", seq=1, state=protocol.SiteState.RED, interval_seconds=30), now),
+            # Last status 10 minutes ago with a 30 s interval: stale (3 x 30 s).
+            Received(protocol.Status(site="quiet", seq=1, state=protocol.SiteState.GREEN, interval_seconds=30,
+                                     snapshot=snap), now - timedelta(minutes=10)),
+        ]
+        store.write_batch(msgs)
+        doc = data.overview(ctx)
+        assert doc["counts"] == {"green": 0, "yellow": 0, "red": 1, "black": 0, "stale": 1, "unknown": 0}
+        quiet = next(s for s in doc["sites"] if s["site"] == "quiet")
+        assert quiet["display"] == "stale" and quiet["state"] == "green"
+        assert quiet["snapshot"]["overdue"] is True and quiet["snapshot"]["age_seconds"] >= 3600
+        page = data.site_page(ctx, "quiet")
+        assert page is not None and [r["state"] for r in page["timeline"]["runs"]] == ["green", "stale"]
+        assert data.site_page(ctx, "nobody") is None
+    finally:
+        store.close()

@@ -179,3 +179,26 @@ def test_cli_split_join_and_sign_refuses_a_split_bundle(tmp_path: Path, capsys: 
     assert cli.main(["join", str(res.path), "--out", str(tmp_path / "j2.efb")]) == errors.PartDamaged.exit_code
     assert f"part 2 of {len(parts)} ({Path(parts[1]).name})" in capsys.readouterr().err
     assert not (tmp_path / "j2.efb").exists()
+
+
+async def test_agent_inbox_imports_a_split_bundle_and_ignores_its_parts(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from agent import intake
+
+    s, index, _whole, parts = _split_bundle(tmp_path)
+    ctx = img_kit.agent_ctx(tmp_path, loader="none")
+    inbox = ctx.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    for p in parts:
+        os.replace(p, inbox / p.name)
+        old = time.time() - 60
+        os.utime(inbox / p.name, (old, old))
+    results = await intake.import_inbox(ctx)
+    assert len(results) == 1, results  # the index only: *.part files are not bundles of their own
+    dest, result = results[0]
+    assert isinstance(result, intake.ImportResult) and result.release == 1
+    assert dest.parent.name == "done" and dest.name.endswith(index.name)
+    assert not (inbox / "rejected").exists()
+    del s

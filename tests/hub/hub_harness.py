@@ -215,7 +215,7 @@ class HubProcess:
         self.proc = subprocess.Popen([str(exe), "--config", str(path), "run"], stdout=log, stderr=log)
         log.close()
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = 60.0) -> None:
         import httpx
 
         async def ok() -> bool:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -423,7 +425,7 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
                      severity=protocol.Severity.ERROR, data={"bundle": run.bundle, "error": str(exc)})
     if runner.run.state == "committing" and spec is not None:
         await runner.commit(spec)
-        gc(ctx)
+        prune_store(ctx)
         await images.collect_garbage(ctx, keep={store.get(journal.CURRENT_KEY), store.get(PREVIOUS_KEY)})
         await apply.retrying(lambda: _gc_cluster(ctx, api), what="inventory gc", deadline=time.monotonic())
         metrics.INSTALLS.labels("committed").inc()
@@ -432,7 +434,7 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
         publish(ctx, components=component_health(spec, {u.name: (True, "", False) for u in spec.units}))
     if runner.run.state in ("failed", "rolling-back"):
         await runner.rollback(spec, prev)
-        gc(ctx)
+        prune_store(ctx)
         metrics.INSTALLS.labels("rolled-back").inc()
         metrics.ROLLBACKS.inc()
         target = prev.label if prev else "no bundle (the site is as before the first install)"
@@ -444,7 +446,7 @@ async def execute(ctx: AgentContext, api: Any, run: journal.Run) -> journal.Run:
     return runner.run
 
 
-def gc(ctx: AgentContext) -> None:
+def prune_store(ctx: AgentContext) -> None:
     """Keep the current and the last good bundle (and any still queued) in the store; drop the rest."""
     store = ctx.store
     keep = {store.get(journal.CURRENT_KEY), store.get(PREVIOUS_KEY)}
@@ -467,6 +469,17 @@ async def _gc_cluster(ctx: AgentContext, api: Any) -> None:
         if rec is not None:
             keep.add(inventory.name_for(bundle_name=rec.name, release=rec.release))
     await inventory.keep_only(api, keep)
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after a memory-heavy phase (an install, a drift pass).
+
+    CPython frees objects into glibc's arenas, which keep the pages; without this the daemon's
+    RSS would stay at the peak of its biggest install for the rest of its life. glibc only.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def remember_version(ctx: AgentContext, api: Any) -> None:
@@ -538,6 +551,7 @@ async def run(ctx: AgentContext) -> None:
                         if mine:
                             await run_pending(ctx, api)
                             supervisor.reset()
+                            release_memory()
                 else:
                     await supervisor.tick()
             except kube.KubeUnavailable as exc:

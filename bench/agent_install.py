@@ -143,6 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speed", type=float, default=20.0, help="sim clock speed (both sims)")
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of idle supervision to measure")
+    parser.add_argument("--no-baseline", action="store_true", help="skip kubectl (development only: no ratio)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-install-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -175,7 +176,7 @@ def main() -> int:
             entries = journal.entries(store, journal.last_run(store).id)  # type: ignore[union-attr]
             engine_s = entries[-1]["ts"] - entries[0]["ts"]
             store.close()
-            kube_s = baseline(site_b.kubeconfig, spec, work)
+            kube_s = float("nan") if args.no_baseline else baseline(site_b.kubeconfig, spec, work)
             steady, peak_idle, cpu = idle(config, env, args.idle)
         ratio = agent_s / kube_s
         print(f"agent install (import --wait, verify + plan + apply + gates + commit): {agent_s:.1f} s "

@@ -117,6 +117,7 @@ class Supervisor:
         spec = await installer.spec_for(self.ctx, cur)
         if now >= self.next_drift:
             await self.repair(spec)
+            installer.release_memory()
             self.next_drift = time.monotonic() + self.ctx.config.install.drift_interval_seconds
         await self.health(spec)
         self.next_health = time.monotonic() + self.ctx.config.install.health_interval_seconds

@@ -8,9 +8,12 @@ Public surface (stable):
 - ``find_base(manifest, store_dir) -> Path``: the staged base of a delta in the bundle store, or
   ``errors.BaseMissing`` naming the bundle the site needs. ``verify_and_stage`` calls it before a
   single payload byte is staged, so a site without the base refuses the delta at once.
-- ``complete(staged, store_dir) -> int``: hard-link (or copy) the blobs left out of a staged delta
-  from its base into the delta's own ``payload/images/blobs``, checking each one's size and sha256,
-  so the staged delta is self-contained afterwards (the base may be removed later).
+- ``complete(staged, store_dir, *, manifest=None, rehash=True) -> int``: hard-link (or copy) the
+  blobs left out of a staged delta from its base into the delta's own ``payload/images/blobs``,
+  checking each one's size (and sha256 with ``rehash``), so the staged delta is self-contained
+  (the base may leave the store later). ``verify_and_stage`` calls it before the atomic rename
+  with ``rehash=False``: the base's blobs were hashed when the base was staged into the same
+  private store, and every consumer (the registry, containerd) re-checks digests on ingest.
 
 Only image blobs are ever left out: YAML, ``index.json`` and ``edgefleet-images.json`` are
 always carried, so a delta's manifest still lists everything it installs, and the images file
@@ -64,16 +67,18 @@ def find_base(manifest: Manifest, store_dir: Path) -> Path:
     )
 
 
-def complete(staged: Path, store_dir: Path) -> int:
+def complete(staged: Path, store_dir: Path, *, manifest: Manifest | None = None, rehash: bool = True) -> int:
     """Bring the blobs a staged delta left out into its payload; returns how many were added."""
     images_dir = staged / "payload" / images.IMAGES_DIR
+    if not (images_dir / images.META_NAME).is_file():
+        return 0
     meta = images.load_meta(images_dir)
     base_doc = meta.get("base")
     if not base_doc:
         return 0
     from bundles import verify
 
-    manifest = verify.load_staged(staged)
+    manifest = manifest or verify.load_staged(staged)
     base_path = find_base(manifest, store_dir)
     sizes = {b["digest"]: int(b["size"]) for b in meta.get("blobs", [])}
     added = 0
@@ -88,18 +93,31 @@ def complete(staged: Path, store_dir: Path) -> int:
                 f"that delta {manifest.label()} needs"
             )
         try:
-            oci.verify_blob(src, digest, sizes.get(digest))
+            if rehash:
+                oci.verify_blob(src, digest, sizes.get(digest))
+            elif src.stat().st_size != sizes.get(digest):
+                raise oci.OCIError(f"blob {digest} is {src.stat().st_size} bytes, expected {sizes.get(digest)}")
         except oci.OCIError as exc:
             raise errors.DigestMismatch(f"base bundle blob: {exc}") from None
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise errors.StoreError(f"cannot bring base blob {digest} into the delta: {exc.strerror}") from None
         added += 1
+    if added:
+        fd = os.open(images_dir / "blobs" / "sha256", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return added
 
 

@@ -158,6 +158,8 @@ def verify_and_stage(
     sink = _Stager(store)
     try:
         verified = _run(Path(path), checks=checks, sink=sink)
+        if verified.manifest.base is not None and sink.tmp is not None:  # a delta: link its base's blobs in
+            delta.complete(sink.tmp, store, manifest=verified.manifest, rehash=False)
         final = sink.commit(verified)
     except BaseException:
         sink.abort()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import img_kit
@@ -45,10 +46,12 @@ def test_delta_is_much_smaller_records_its_base_and_needs_it(tmp_path: Path) -> 
     staged = verify.verify_and_stage(d2.path, root=root, store_dir=store)
     meta = bundle_images.load_meta(staged.payload_dir / "images")
     assert meta["base"]["blobs"]
-    added = delta.complete(staged.path, store)
-    assert added == len(meta["base"]["blobs"])
+    # staging linked the base's blobs in: the staged delta is self-contained, even once the base is gone
+    assert delta.complete(staged.path, store) == 0
+    shutil.rmtree(store / verify.verify_only(v1.path, root=root).bundle_id)
     for b in meta["blobs"]:
         oci.verify_blob(oci.blob_path(staged.payload_dir / "images", b["digest"]), b["digest"], b["size"])
+    verify.recheck_staged(staged.path)
     full_staged = verify.verify_and_stage(full2.path, root=root, store_dir=tmp_path / "store-full")
     assert bundle_images.load_meta(full_staged.payload_dir / "images")["images"] == meta["images"]
 
@@ -66,7 +69,8 @@ async def test_delta_installs_on_a_site_with_its_base(tmp_path: Path) -> None:
         ctx = img_kit.agent_ctx(tmp_path, reg=reg)
         await agent_images.load_for(ctx, img_kit.spec_of(s1))
         out = await agent_images.load_for(ctx, img_kit.spec_of(s2))
-        assert out["fromBase"] > 0 and out["pushed"] == 3
+        assert out["fromBase"] == 0 and out["pushed"] == 3  # the base's blobs were linked in at staging
+        assert bundle_images.load_meta(s2.payload_dir / "images")["base"]["blobs"]
         for i in bundle_images.load_meta(s2.payload_dir / "images")["images"]:
             ref = bundle_images.parse_ref(i["ref"])
             await asyncio.to_thread(img_kit.skopeo_inspect, f"{reg.host}/{ref.registry}/{ref.repository}@{i['digest']}")

@@ -111,6 +111,8 @@ class Controllers:
             for ref in meta.get("ownerReferences") or []:
                 if ref.get("controller") and ref.get("kind") in _KEY_OF:
                     self.dirty.add((ref["kind"], entry.namespace, ref.get("name", "")))
+        if key in (("", "pods"), ("", "services")):
+            self.dirty.add(("Endpoints", entry.namespace, ""))
         if key == ("", "pods"):
             self.dirty.add(("PDB", entry.namespace, ""))
             if ev.type == "DELETED":
@@ -323,6 +325,70 @@ class Controllers:
         else:
             new["spec"].pop("taints", None)
         self.api.update(self.c.res("", "nodes"), "", name, new, manager=MANAGER)
+
+    # --- Endpoints: ready / not-ready pod addresses behind each selector Service --------------------------
+    def _sync_endpoints(self, ns: str, _: str) -> None:
+        res = self.c.res("", "endpoints")
+        pods = [p for p in self.api.list_objects(("", "pods"), ns)
+                if is_active(p) and (p.get("status") or {}).get("podIP")]
+        for svc in self.api.list_objects(("", "services"), ns):
+            spec = svc.get("spec") or {}
+            name = svc["metadata"]["name"]
+            if ns == "default" and name == "kubernetes":
+                subsets = [{"addresses": [{"ip": "172.18.0.2"}],
+                            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}]
+            elif spec.get("selector"):
+                members = [p for p in pods if all((p["metadata"].get("labels") or {}).get(k) == v
+                                                  for k, v in spec["selector"].items())]
+                subsets = self._subsets(spec, members)
+            else:
+                continue  # selector-less Services: endpoints are the user's business
+            want: dict[str, Any] = {"apiVersion": "v1", "kind": "Endpoints",
+                                    "metadata": {"name": name, "namespace": ns,
+                                                 "labels": dict(svc["metadata"].get("labels") or {})}}
+            if subsets:
+                want["subsets"] = subsets
+            cur = self.api.get(("", "endpoints"), ns, name)
+            if cur is None:
+                self.api.create(res, ns, want, manager="", internal=True)
+            elif cur.get("subsets") != want.get("subsets"):
+                new = _copy(cur)
+                new.pop("subsets", None)
+                if subsets:
+                    new["subsets"] = subsets
+                self.api.update(res, ns, name, new, manager=MANAGER)
+
+    @staticmethod
+    def _subsets(spec: dict[str, Any], members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not members:
+            return []
+        ready: list[dict[str, Any]] = []
+        not_ready: list[dict[str, Any]] = []
+        ports = []
+        for sp in spec.get("ports") or []:
+            target = sp.get("targetPort", sp.get("port"))
+            if isinstance(target, str):
+                target = next((cp.get("containerPort") for p in members for c in p["spec"].get("containers") or []
+                               for cp in c.get("ports") or [] if cp.get("name") == target), None)
+            if target is None:
+                continue
+            port = {"port": int(target), "protocol": sp.get("protocol", "TCP")}
+            if sp.get("name"):
+                port["name"] = sp["name"]
+            ports.append(port)
+        for p in sorted(members, key=lambda p: p["status"]["podIP"]):
+            addr = {"ip": p["status"]["podIP"], "nodeName": p["spec"].get("nodeName"),
+                    "targetRef": {"kind": "Pod", "name": p["metadata"]["name"],
+                                  "namespace": p["metadata"]["namespace"], "uid": p["metadata"].get("uid")}}
+            (ready if is_ready(p) else not_ready).append(addr)
+        subset: dict[str, Any] = {}
+        if ready:
+            subset["addresses"] = ready
+        if not_ready:
+            subset["notReadyAddresses"] = not_ready
+        if ports:
+            subset["ports"] = ports
+        return [subset]
 
     # --- PDB status --------------------------------------------------------------------------------------------
     def _sync_pdb(self, ns: str, _: str) -> None:

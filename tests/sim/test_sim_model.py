@@ -293,3 +293,29 @@ async def test_missing_service_account_fails_create_with_backoff_then_recovers()
         create(site, "apps", "statefulsets", sts)
         msg = await until(lambda: next((e["message"] for e in failed_creates() if "x-0" in e["message"]), None))
         assert 'spec.subdomain: Invalid value: "bad.name"' in msg
+
+
+async def test_endpoints_follow_ready_pods() -> None:
+    async with sim.testing.running(speed=100) as site:
+        dep = deployment("api", 2)
+        dep["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+        create(site, "apps", "deployments", dep)
+        create(site, "", "services", {"metadata": {"name": "api"}, "spec": {
+            "selector": {"app": "api"}, "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}})
+
+        def endpoints() -> Any:
+            return site.cluster.api.get(("", "endpoints"), "default", "api")
+
+        ep = await until(lambda: (lambda e: e if e and len(e.get("subsets", [{}])[0].get("addresses", [])) == 2
+                                  else None)(endpoints()))
+        subset = ep["subsets"][0]
+        assert subset["ports"] == [{"port": 8080, "protocol": "TCP", "name": "web"}]
+        assert {a["targetRef"]["name"] for a in subset["addresses"]} == {p["metadata"]["name"]
+                                                                         for p in pods(site, labelled("api"))}
+        k8s = site.cluster.api.get(("", "endpoints"), "default", "kubernetes")
+        assert k8s is not None and k8s["subsets"][0]["ports"][0]["port"] == 6443
+        # a failed node's pods turn not ready and move to notReadyAddresses
+        victim = pods(site, labelled("api"))[0]
+        await site.fail_node(victim["spec"]["nodeName"])
+        ep = await until(lambda: (lambda e: e if e["subsets"][0].get("notReadyAddresses") else None)(endpoints()))
+        assert victim["status"]["podIP"] in [a["ip"] for a in ep["subsets"][0]["notReadyAddresses"]]

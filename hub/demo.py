@@ -178,11 +178,20 @@ def reap_previous(work: Path) -> list[int]:
     demo = int(doc.get("demo", 0))
     if demo and demo != os.getpid() and "hub.demo" in _cmdline(demo):
         raise DemoError(f"another demo is running in {work} (pid {demo}); stop it first (Ctrl-C there)", 2)
-    stopped = []
-    for pid in doc.get("children", {}).values():
-        if str(work) in _cmdline(int(pid)):  # only our own children: a recycled pid is left alone
-            _stop_group(int(pid), None, timeout=0)
-            stopped.append(int(pid))
+    stopped = [
+        int(pid)
+        for pid in doc.get("children", {}).values()
+        if str(work) in _cmdline(int(pid))  # only our own children: a recycled pid is left alone
+    ]
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_cmdline(pid) for pid in stopped):
+        time.sleep(0.1)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
     return stopped
 
 
@@ -738,6 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as exc:
         print(f"edgefleet demo: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # before the demo's own signal handling was in place
+        return 130
     except Exception as exc:
         import traceback
 

@@ -212,3 +212,62 @@ async def test_open_event_stream_does_not_hold_hub_shutdown(tmp_path: Path) -> N
                 await asyncio.wait_for(stream_cm.__aexit__(None, None, None), 10)
         finally:
             await http.aclose()
+
+
+MINI_PROFILE = {
+    "name": "mini",
+    "tiers": {1: {"priorityClassName": "platform-infrastructure", "tolerateControlPlane": True, "spread": True}},
+    "components": [
+        {"name": "priority-classes", "layer": 0, "tier": 1, "sources": [{"kustomize": "IT/priorityclasses"}]},
+        {"name": "namespaces", "layer": 0, "tier": 1, "sources": [{"platform": "IT/namespaces/argocd.yaml"}]},
+    ],
+}
+
+
+async def test_install_bundle_button_reaches_the_agent(tmp_path: Path, platform: Path) -> None:
+    """Operator picks an uploaded bundle and presses "Install bundle": the agent fetches it from the
+    hub, verifies it against its trust root and queues it; its reply shows on the page."""
+    import shutil
+
+    import yaml
+
+    from bundles import build, keys
+    from hub import demo
+
+    k = demo.make_keys(tmp_path / "keys")
+    profile = tmp_path / "mini.yaml"
+    profile.write_text(yaml.safe_dump(MINI_PROFILE))
+    bundle = build.build(profile=profile, platform=platform / "idp-blueprint", mirror=None,
+                         out=tmp_path / "mini-1.0.0.bundle", version="1.0.0", release=1,
+                         keys=[keys.load_private(k.release_key)],
+                         created=datetime.now(UTC) - timedelta(minutes=1)).path
+    with mosquitto(tmp_path / "broker") as broker:
+        cfg = hub_config_for(tmp_path, broker.port, trust_root=str(k.root))
+        async with hub_running(cfg) as hub:
+            async with httpx.AsyncClient(base_url=hub.api_url, timeout=30) as http:
+                r = await http.post("/api/v1/bundles", content=Path(bundle).read_bytes(),
+                                    headers={"Authorization": f"Bearer {WRITE_TOKEN}",
+                                             "Content-Type": "application/octet-stream"})
+                assert r.status_code == 201, r.text
+            ctx = agent_context(tmp_path, broker.port, "store-i", hub_pub=tmp_path / "hubkeys" / "hub-command.pub")
+            shutil.copy2(k.root, ctx.config.trust_dir / "root.json")
+            async with agent_link(ctx):
+                await wait_until(lambda: hub.ctx.store.get_site("store-i") is not None, what="site reported")
+                async with browser() as b:
+                    page = await b.new_page(viewport={"width": 1400, "height": 900})
+                    page.on("dialog", lambda d: d.accept())  # the confirmation before installing
+                    await page.goto(f"{hub.api_url}/dashboard/sites/store-i")
+                    await page.wait_for_selector("#live.on")
+                    await page.fill("#token-input", WRITE_TOKEN)
+                    await page.click("#sign-in button")
+                    await page.wait_for_selector("#install-bundle:not([disabled])")
+                    assert "mini-1.0.0" in (await page.text_content("#bundle-select") or "")
+                    await page.click("#install-bundle")
+                    row = "#commands tr[data-name='install-bundle'][data-state='done']"
+                    await page.wait_for_selector(row, timeout=30000)
+                    replies = await page.text_content(f"{row} td:last-child") or ""
+                    assert "downloading bundle" in replies and "verified and queued for install" in replies
+                    await page.close()
+            # The agent really has it: the intake staged it and queued the install.
+            events = hub.ctx.store.site_events("store-i", limit=100)
+            assert any(e["type"] == "bundle.accepted" for e in events), [e["type"] for e in events]

@@ -21,7 +21,9 @@ COPY bundles ./bundles
 COPY agent ./agent
 COPY hub ./hub
 # A regular (non-editable) install: the venv holds everything, /src is not needed afterwards.
-RUN /opt/edgefleet/bin/pip install ".[hub]"
+# pip itself is not needed at run time (smaller image, one tool less in it).
+RUN /opt/edgefleet/bin/pip install ".[hub]" \
+ && /opt/edgefleet/bin/python -m pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="edgefleet-hub" \

@@ -374,6 +374,10 @@ class Controller:
             tier = tier_of(pod)
             if spec.get("nodeName") not in lost or tier is None or tier < 2 or uid in self.deleted_pods:
                 continue
+            # A DaemonSet pod belongs to its node: its controller recreates it there at once (node-exporter
+            # tolerates every taint), so deleting it frees nothing and would loop for as long as the node is lost.
+            if any(ref.get("kind") == "DaemonSet" for ref in meta.get("ownerReferences") or []):
+                continue
             path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta.get('name')}"
             body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                     "preconditions": {"uid": meta.get("uid")} if meta.get("uid") else None}  # fmt: skip

@@ -246,3 +246,37 @@ async def test_without_pod_eviction_kubernetes_timing_applies(tmp_path: Path) ->
         stuck = [p for p in await h.pods(api) if p["spec"].get("nodeName") != "server-0" and TIER[h.pod_app(p)] == 2]
         assert stuck, "tier-2 pods on dead nodes stay until Kubernetes evicts them"
         assert not h.events(ctx.store, "degradation.pods-deleted")
+
+
+async def test_daemonset_pods_on_a_lost_node_are_left_alone(tmp_path: Path) -> None:
+    """A tier-2 DaemonSet tolerating every taint (like node-exporter) is recreated on its node at once;
+    force-deleting it would loop for as long as the node is lost, flooding the outbox."""
+    async with scenario(tmp_path) as (site, api, ctx):
+        ds = {
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "node-exporter", "namespace": "observability",
+                         "labels": {"edgefleet.io/component": "kube-prometheus", "edgefleet.io/tier": "2"}},
+            "spec": {
+                "selector": {"matchLabels": {"app": "node-exporter"}},
+                "template": {
+                    "metadata": {"labels": {"app": "node-exporter", "edgefleet.io/tier": "2",
+                                            "edgefleet.io/component": "kube-prometheus"}},
+                    "spec": {"tolerations": [{"operator": "Exists"}],
+                             "containers": [{"name": "c", "image": "quay.io/prometheus/node-exporter:v1.9.1"}]},
+                },
+            },
+        }  # fmt: skip
+        await kube.apply(api, ds, field_manager="test", force=True)
+
+        async def ds_everywhere() -> bool:
+            pods = [p for p in await h.pods(api) if p["metadata"]["name"].startswith("node-exporter")]
+            return len({p["spec"].get("nodeName") for p in pods}) == 3
+
+        await h.eventually(ds_everywhere, timeout=15, what="node-exporter on every node")
+        await site.fail_node("agent-0")
+        await site.fail_node("agent-1")
+        await h.eventually(lambda: _state_is(ctx, "red"), timeout=10, what="red")
+        await asyncio.sleep(3)  # several controller passes while the nodes stay lost
+        deleted = [p for e in h.events(ctx.store, "degradation.pods-deleted") for p in e["data"]["pods"]]
+        assert not [p for p in deleted if "node-exporter" in p], deleted
+        assert len(deleted) == len(set(deleted)), "a pod was force-deleted twice"

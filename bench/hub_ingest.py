@@ -182,7 +182,7 @@ def _wait_quiet(counter: Any, target: int, *, idle: float = 5.0) -> None:
         time.sleep(0.25)
 
 
-def phase_hub(args: argparse.Namespace, *, replicas: int, db: str) -> dict[str, Any]:
+def phase_hub(args: argparse.Namespace, *, replicas: int, db: str, backlog: bool = False) -> dict[str, Any]:
     prefix = f"bench-{db}{replicas}-{uuid.uuid4().hex[:4]}"
     work = Path(tempfile.mkdtemp(prefix="hub-bench-"))
     schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -213,8 +213,22 @@ def phase_hub(args: argparse.Namespace, *, replicas: int, db: str) -> dict[str, 
         _wait_ready([p for _, p in procs])
         time.sleep(1.0)
         engine = sa.create_engine(url)
-        pub = publish_stream(prefix=prefix, sites=args.sites, rate=args.rate, duration=args.duration,
-                             publishers=args.publishers)
+        if backlog:  # stop the hub, queue the stream in its session, start it again: time the drain
+            cmds = [proc.args for proc, _ in procs]
+            for proc, _ in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+            pub = publish_stream(prefix=prefix, sites=args.sites, rate=args.rate, duration=args.duration,
+                                 publishers=args.publishers)
+            procs = []
+            for r, cmd in enumerate(cmds):
+                log = open(work / f"hub{r}-again.log", "wb")  # noqa: SIM115
+                procs.append((subprocess.Popen(cmd, stdout=log, stderr=log), 0))
+                log.close()
+            pub["t0"] = time.time()
+        else:
+            pub = publish_stream(prefix=prefix, sites=args.sites, rate=args.rate, duration=args.duration,
+                                 publishers=args.publishers)
 
         def stored() -> int:
             with engine.connect() as conn:
@@ -230,8 +244,8 @@ def phase_hub(args: argparse.Namespace, *, replicas: int, db: str) -> dict[str, 
             **pub,
             "stored": len(rows),
             "rate": len(rows) / (last - pub["t0"]) if rows else 0.0,
-            "p99": lat[int(len(lat) * 0.99) - 1] if lat else None,
-            "p50": statistics.median(lat) if lat else None,
+            "p99": (lat[int(len(lat) * 0.99) - 1] if lat else None) if not backlog else None,
+            "p50": (statistics.median(lat) if lat else None) if not backlog else None,
         }
         if args.keep_logs:
             result["logs"] = str(work)
@@ -276,11 +290,37 @@ def _wait_ready(ports: list[int]) -> None:
             time.sleep(0.2)
 
 
+def phase_backlog(args: argparse.Namespace, *, db: str) -> dict[str, Any]:
+    """The hub's own consumption capacity, without publishers competing for the CPUs: a backlog is
+    queued in the hub's persistent session on a private mosquitto while the hub is stopped, then the
+    hub starts and drains it. (Not a raw-vs-hub comparison; a capacity figure.)"""
+    global HOST, PORT
+    work = Path(tempfile.mkdtemp(prefix="hub-bench-backlog-"))
+    port = _free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000000\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = (HOST, PORT)
+    HOST, PORT = "127.0.0.1", port
+    try:
+        time.sleep(0.5)
+        first = phase_hub(args, replicas=1, db=db, backlog=True)
+        return first
+    finally:
+        HOST, PORT = saved
+        broker.terminate()
+        broker.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 PHASES = {
     "raw": lambda a: phase_raw(a),
     "hub1-pg": lambda a: phase_hub(a, replicas=1, db="pg"),
     "hub2-pg": lambda a: phase_hub(a, replicas=2, db="pg"),
     "hub1-sqlite": lambda a: phase_hub(a, replicas=1, db="sqlite"),
+    "backlog-pg": lambda a: phase_backlog(a, db="pg"),
+    "backlog-sqlite": lambda a: phase_backlog(a, db="sqlite"),
 }
 
 

@@ -118,7 +118,7 @@ def test_fast_parse_agrees_with_the_protocol_reference() -> None:
         ]
     )
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=150, deadline=None)
     @given(
         topic=topics,
         drop=st.sets(st.sampled_from(sorted(base))),

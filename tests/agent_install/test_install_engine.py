@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,15 @@ async def test_failed_first_install_leaves_cluster_empty(
     ctx = context(site_config)
     run = await install(ctx, api, bundles["3.0.0"])
     assert run.state == "rolled-back"
-    assert await managed(api) == {}
+    left = await managed(api)
+    # Deletion was issued for everything; a Namespace finalizes asynchronously (its pods terminate first).
+    assert all(o["metadata"].get("deletionTimestamp") for o in left.values()), sorted(left)
+    for _ in range(60):
+        if not left:
+            break
+        await asyncio.sleep(0.5)
+        left = await managed(api)
+    assert left == {}
     assert journal.current(ctx.store) is None
     status = ctx.store.get(sitestatus.INSTALL_KEY)
     assert status["bundle"] is None and not status["healthy"]

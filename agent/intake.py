@@ -35,11 +35,13 @@ import structlog
 from agent import exitcodes, installer, metrics, protocol
 from agent.context import AgentContext
 from agent.install import journal
-from bundles import errors, trust, verify
+from bundles import errors, split, trust, verify
 
 log = structlog.get_logger("edgefleet.intake")
 
 SETTLE_SECONDS = 2.0
+#: How long a split bundle's index waits in the inbox for its missing parts before it is rejected.
+PART_WAIT_SECONDS = 600.0
 KUBE_VERSION_KEY = "kube.version"
 STAGE_LOCK = "stage.lock"
 _IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
@@ -106,7 +108,8 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
     try:
         staged = await asyncio.to_thread(_verify, ctx, path)
     except errors.BundleError as exc:
-        _reject(ctx, path, exc)
+        if explicit or not _waiting_for_parts(path, exc):
+            _reject(ctx, path, exc)
         raise
     manifest = staged.manifest
     rec = journal.BundleRecord(
@@ -143,6 +146,19 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
                         cleared_bad=cleared)
 
 
+def _waiting_for_parts(path: Path, exc: errors.BundleError) -> bool:
+    """The index of a split bundle often lands in the inbox before its parts have finished copying
+    (a USB copy runs in file order): for a while, a missing part means "not yet", not "rejected"."""
+    return isinstance(exc, errors.PartMissing) and _age_seconds(path) < PART_WAIT_SECONDS
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _settled(path: Path, now: float) -> bool:
     try:
         st = path.stat()
@@ -151,15 +167,29 @@ def _settled(path: Path, now: float) -> bool:
     return now - st.st_mtime >= SETTLE_SECONDS
 
 
-def _move(path: Path, folder: str) -> Path:
-    dest_dir = path.parent / folder
+def _move(path: Path, folder: str, *, parts: list[Path] | None = None) -> Path:
+    """Move a processed inbox file to ``folder``; a split bundle moves with its parts into a
+    directory of its own, so the index still finds them by name (for a later re-import)."""
+    if parts:
+        bundle_dir = _move_target(path.parent / folder, path.name + ".d")
+        bundle_dir.mkdir(parents=True)
+        for part in parts:
+            os.replace(part, bundle_dir / part.name)
+        os.replace(path, bundle_dir / path.name)
+        return bundle_dir / path.name
+    dest = _move_target(path.parent / folder, path.name)
+    os.replace(path, dest)
+    return dest
+
+
+def _move_target(dest_dir: Path, name: str) -> Path:
+    """A free name in ``dest_dir`` (a timestamp prefix keeps repeated imports apart)."""
     dest_dir.mkdir(exist_ok=True)
-    dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{path.name}"
+    dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{name}"
     n = 1
     while dest.exists():
-        dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{n}-{path.name}"
+        dest = dest_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{n}-{name}"
         n += 1
-    os.replace(path, dest)
     return dest
 
 
@@ -185,13 +215,28 @@ async def import_inbox(ctx: AgentContext) -> list[tuple[Path, ImportResult | err
 
 
 async def _import_file(ctx: AgentContext, path: Path) -> tuple[Path, ImportResult | errors.BundleError]:
+    parts = _split_parts(path)
     try:
         result = await import_bundle(ctx, path, explicit=False)
     except errors.BundleError as exc:
-        dest = _move(path, "rejected")
+        if _waiting_for_parts(path, exc):
+            log.info("split bundle incomplete, waiting for its parts", bundle=path.name, error=exc.message)
+            return path, exc
+        dest = _move(path, "rejected", parts=parts)
         dest.with_name(dest.name + ".reason").write_text(f"{exc.reason}: {exc.message}\n", encoding="utf-8")
         return dest, exc
-    return _move(path, "done"), result
+    return _move(path, "done", parts=parts), result
+
+
+def _split_parts(path: Path) -> list[Path]:
+    """The part files next to a split bundle's index (empty for a plain bundle or an unreadable index)."""
+    try:
+        if not split.is_split(path):
+            return []
+        doc = split.load_index(path)
+    except (OSError, errors.BundleError):
+        return []
+    return [path.with_name(p["name"]) for p in doc["parts"] if path.with_name(p["name"]).is_file()]
 
 
 async def rollback(ctx: AgentContext) -> dict[str, Any]:
@@ -243,7 +288,9 @@ def _cmd_import_inbox(ctx: AgentContext, args: argparse.Namespace) -> int:
     results = asyncio.run(import_inbox(ctx))
     code = exitcodes.OK
     for path, result in results:
-        if isinstance(result, errors.BundleError):
+        if isinstance(result, errors.BundleError) and path.parent == ctx.config.inbox:
+            print(f"{path.name}: waiting for missing parts: {result.message}", file=sys.stderr)
+        elif isinstance(result, errors.BundleError):
             print(f"{path.name}: rejected: {result.message}", file=sys.stderr)
             code = result.exit_code
         else:

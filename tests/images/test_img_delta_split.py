@@ -203,6 +203,33 @@ async def test_agent_inbox_imports_a_split_bundle_and_ignores_its_parts(tmp_path
     assert len(results) == 1, results  # the index only: *.part files are not bundles of their own
     dest, result = results[0]
     assert isinstance(result, intake.ImportResult) and result.release == 1
-    assert dest.parent.name == "done" and dest.name.endswith(index.name)
+    # The index moves to done/ together with its parts, in a directory of its own.
+    assert dest.parent.parent.name == "done" and dest.name == index.name
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted(p.name for p in parts)
+    assert not [p for p in inbox.iterdir() if p.is_file()], "parts left behind in the inbox"
     assert not (inbox / "rejected").exists()
     del s
+
+
+async def test_agent_inbox_waits_for_parts_still_being_copied(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from agent import intake
+
+    _s, index, _whole, parts = _split_bundle(tmp_path)
+    ctx = img_kit.agent_ctx(tmp_path, loader="none")
+    inbox = ctx.config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 60
+    for p in parts[:2]:  # the index and the first part have arrived; the rest is still on its way
+        os.replace(p, inbox / p.name)
+        os.utime(inbox / p.name, (old, old))
+    ((path, result),) = await intake.import_inbox(ctx)
+    assert isinstance(result, errors.PartMissing) and path == inbox / index.name and path.exists()
+    assert not (inbox / "rejected").exists() and not img_kit.events_of(ctx, "bundle.rejected")
+    for p in parts[2:]:
+        os.replace(p, inbox / p.name)
+        os.utime(inbox / p.name, (old, old))
+    ((dest, result),) = await intake.import_inbox(ctx)
+    assert isinstance(result, intake.ImportResult) and dest.parent.parent.name == "done"

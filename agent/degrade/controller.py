@@ -120,6 +120,23 @@ class Controller:
         self.tracker.grace(now=now)
         self.grace_until = now + self.cfg.lease_timeout_seconds
 
+    def lease_news(self, line: bytes) -> bool:
+        """Whether a Lease watch event can change a decision, i.e. is worth a tick now.
+
+        Kubelets renew every ~10 s each: on a healthy site that is a stream of events that change
+        nothing (a stale lease is found by the poll, which no event announces anyway). Waking a
+        tick (two LISTs) for each cost most of the agent's idle CPU. News: a lease appearing or
+        going, or renewed for a node not currently raw-available (it is coming back).
+        Unparseable lines count as news.
+        """
+        try:
+            event = json.loads(line)
+            name = str(event["object"]["metadata"]["name"])
+        except (ValueError, KeyError, TypeError):
+            return True
+        mark = self.tracker.marks.get(name)
+        return event.get("type") != "MODIFIED" or mark is None or not mark.raw
+
     @property
     def cfg(self) -> Any:
         return self.ctx.config.degradation
@@ -152,7 +169,10 @@ class Controller:
             raw, now=now, degrade_dwell=self.cfg.degrade_dwell_seconds, recover_dwell=self.cfg.recover_dwell_seconds
         )
         doc = self.tracker.to_json()
-        if doc != self.saved_tracker:  # lease renewals change it every ~10 s: no fsync per poll
+        # Persist when a node's marks change, not on lease renewals (every ~10 s per node: an fsync
+        # each): after a restart start_grace() restarts every lease window anyway, so saved renew
+        # times only need to be as fresh as the marks.
+        if doc["marks"] != self.saved_tracker.get("marks"):
             self.ctx.store.put(TRACKER_KEY, doc)
             self.saved_tracker = doc
         for name, available in changes:
@@ -529,8 +549,9 @@ async def run(ctx: AgentContext) -> None:
             async with kube.connect(ctx.config.kubeconfig) as api:
                 wake = asyncio.Event()
                 watchers = (
-                    [asyncio.create_task(watch(api, path, wake)) for path in
-                     ("/api/v1/nodes", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases")]
+                    [asyncio.create_task(watch(api, "/api/v1/nodes", wake)),
+                     asyncio.create_task(watch(api, f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases",
+                                               wake, news=ctl.lease_news))]
                     if cfg.watch else []
                 )  # fmt: skip
                 try:
@@ -555,8 +576,10 @@ async def run(ctx: AgentContext) -> None:
             await asyncio.sleep(cfg.poll_interval_seconds * 5)
 
 
-async def watch(api: Any, path: str, wake: asyncio.Event) -> None:
-    """Stream a watch on ``path`` and set ``wake`` on every event; reconnect with backoff.
+async def watch(
+    api: Any, path: str, wake: asyncio.Event, *, news: Callable[[bytes], bool] | None = None
+) -> None:
+    """Stream a watch on ``path``, set ``wake`` on each event ``news`` accepts (default: all); reconnect with backoff.
 
     Only a hint: the tick re-lists everything it needs, so a missed or failed watch costs at
     most one poll interval.
@@ -572,8 +595,9 @@ async def watch(api: Any, path: str, wake: asyncio.Event) -> None:
             )  # fmt: skip
             async with response:
                 delay = 0.5
-                async for _line in response.content:
-                    wake.set()
+                async for line in response.content:
+                    if news is None or news(line):
+                        wake.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure: back off and re-watch

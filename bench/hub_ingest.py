@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / ".venv" / "bin" / "edgefleet-hub"
 PG_URL = os.environ.get("EDGEFLEET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HOST, PORT = "127.0.0.1", 1883
+#: Profiling only: a command prefix for the hub processes, e.g. ``py-spy record -f raw -o /tmp/hub.txt --``.
+_WRAP = os.environ.get("EDGEFLEET_BENCH_HUB_WRAP", "").split()
 
 
 def _free_port() -> int:
@@ -208,7 +210,8 @@ def phase_hub(args: argparse.Namespace, *, replicas: int, db: str, backlog: bool
             path = work / f"hub{r}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             log = open(work / f"hub{r}.log", "wb")  # noqa: SIM115
-            procs.append((subprocess.Popen([str(HUB), "--config", str(path), "run"], stdout=log, stderr=log), port))
+            cmd = [*_WRAP, str(HUB), "--config", str(path), "run"]
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=log), port))
             log.close()
         _wait_ready([p for _, p in procs])
         time.sleep(1.0)

@@ -202,9 +202,14 @@ class Store:
         pg = self.dialect == "postgresql"
         dt = _pg_dt if pg else _sqlite_dt
         stored_at = dt(now)
+        # Each timestamp encoded once per message (history and the site row share them).
+        ts_enc: dict[int, Any] = {}
+        rcv_enc: dict[int, Any] = {}
         history: list[tuple[Any, ...]] = []
         for item in items:
             status = item.message
+            ts_enc[id(item)] = ts = dt(status.ts)
+            rcv_enc[id(item)] = rcv = dt(item.received_at)
             assert isinstance(status, protocol.Status)
             key = _status_key(status)
             last = self._last_sample.get(status.site)
@@ -222,8 +227,8 @@ class Store:
                     status.msg_id,
                     status.site,
                     status.seq,
-                    dt(status.ts),
-                    dt(item.received_at),
+                    ts,
+                    rcv,
                     stored_at,
                     status.state.value,
                     changed,
@@ -244,15 +249,16 @@ class Store:
             item = latest[site]
             status = item.message
             assert isinstance(status, protocol.Status)
-            at = min(item.received_at, status.ts) if item.retained else item.received_at
+            rcv = rcv_enc[id(item)]
+            at = dt(min(item.received_at, status.ts)) if item.retained else rcv
             bundle = status.bundle
             site_rows.append(
                 (
                     site,
-                    dt(item.received_at),
-                    dt(item.received_at),
-                    dt(at),
-                    dt(status.ts),
+                    rcv,
+                    rcv,
+                    at,
+                    ts_enc[id(item)],
                     status.seq,
                     status.msg_id,
                     status.state.value,
@@ -310,13 +316,25 @@ class Store:
             conn.execute(self._insert(SNAPSHOTS).on_conflict_do_nothing(), snaps)
 
     def _many(self, conn: Connection, what: Literal["history", "sites"], rows: list[tuple[Any, ...]]) -> int:
-        """Run one of the hot-path statements for many rows with the driver's executemany; return rows written.
+        """Run one of the hot-path statements for many rows; return the rows written.
 
-        (Measured: psycopg 3's pipelined, prepared executemany costs a third of the CPU of one big
-        multi-row VALUES statement, and sqlite3's is in-process anyway.)
+        SQLite: the driver's executemany (in-process anyway). PostgreSQL: ``COPY`` into a per-session
+        temporary staging table, then one ``INSERT … SELECT … ON CONFLICT`` (measured: about half the
+        client CPU of psycopg's pipelined executemany, whose per-row Python overhead dominated, and
+        less server work too). The staging table empties itself at commit and vanishes on rollback
+        with the transaction, so a retried batch starts clean.
         """
-        sql = (_HISTORY_SQL if what == "history" else _SITES_SQL)[self.dialect]
-        return int(conn.exec_driver_sql(sql, rows).rowcount)
+        if self.dialect != "postgresql":
+            return int(conn.exec_driver_sql(_SQLITE_SQL[what], rows).rowcount)
+        create, copy, insert = _PG_STAGED[what]
+        dbapi = conn.connection.driver_connection
+        with dbapi.cursor() as cur:  # type: ignore[union-attr]
+            cur.execute(create)
+            with cur.copy(copy) as out:
+                for row in rows:
+                    out.write_row(row)
+            cur.execute(insert)
+            return int(cur.rowcount)
 
     def _write_events(
         self, conn: Connection, items: list[Received], *, result: BatchResult, touched: dict[str, datetime]
@@ -822,34 +840,50 @@ _SITES_UPDATE = ", ".join(
     f"{c} = excluded.{c}" for c in (x.strip() for x in _SITES_COLUMNS.split(",")) if c not in ("site", "first_seen")
 )
 _GRACE = int(SEQ_RESET_GRACE.total_seconds())
-# Built from module constants only (no input reaches the SQL text; values are bound parameters).
-_HISTORY_SQL = {
-    "sqlite": f"INSERT INTO status_history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+_SITES_WHERE = " WHERE sites.status_seq IS NULL OR excluded.status_seq > sites.status_seq"
+# Built from module constants only (no input reaches the SQL text; values are bound parameters or COPY data).
+_SQLITE_SQL = {
+    "history": f"INSERT INTO status_history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     " ON CONFLICT (msg_id) DO NOTHING",
-    "postgresql": f"INSERT INTO status_history ({_HISTORY_COLUMNS})"  # noqa: S608
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CAST(%s AS json)) ON CONFLICT (msg_id) DO NOTHING",
-}
-_SITES_SQL = {
-    "sqlite": f"INSERT INTO sites ({_SITES_COLUMNS}) VALUES ({', '.join(['?'] * 18)})"  # noqa: S608
-    f" ON CONFLICT (site) DO UPDATE SET {_SITES_UPDATE}"
-    " WHERE sites.status_seq IS NULL OR excluded.status_seq > sites.status_seq"
+    "sites": f"INSERT INTO sites ({_SITES_COLUMNS}) VALUES ({', '.join(['?'] * 18)})"  # noqa: S608
+    f" ON CONFLICT (site) DO UPDATE SET {_SITES_UPDATE}{_SITES_WHERE}"
     f" OR julianday(excluded.status_ts) > julianday(sites.status_ts) + {_GRACE / 86400.0!r}",
-    "postgresql": f"INSERT INTO sites ({_SITES_COLUMNS}) VALUES ({', '.join(['%s'] * 18)})"  # noqa: S608
-    f" ON CONFLICT (site) DO UPDATE SET {_SITES_UPDATE}"
-    " WHERE sites.status_seq IS NULL OR excluded.status_seq > sites.status_seq"
-    f" OR excluded.status_ts > sites.status_ts + interval '{_GRACE} seconds'",
 }
-
-
-def _sqlite_dt(value: datetime) -> str:
-    # The format SQLAlchemy's SQLite DateTime reads back (naive UTC, always with microseconds).
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+#: PostgreSQL: (create the session's staging table if needed, COPY into it, move its rows into the real table).
+#: Sites are moved in key order: a fixed lock order, so PostgreSQL replicas do not deadlock.
+_PG_STAGED = {
+    "history": (
+        "CREATE TEMPORARY TABLE IF NOT EXISTS ingest_history ON COMMIT DELETE ROWS AS"  # noqa: S608
+        f" SELECT {_HISTORY_COLUMNS} FROM status_history WITH NO DATA",
+        f"COPY ingest_history ({_HISTORY_COLUMNS}) FROM STDIN",
+        f"INSERT INTO status_history ({_HISTORY_COLUMNS}) SELECT {_HISTORY_COLUMNS} FROM ingest_history"  # noqa: S608
+        " ON CONFLICT (msg_id) DO NOTHING",
+    ),
+    "sites": (
+        "CREATE TEMPORARY TABLE IF NOT EXISTS ingest_sites ON COMMIT DELETE ROWS AS"  # noqa: S608
+        f" SELECT {_SITES_COLUMNS} FROM sites WITH NO DATA",
+        f"COPY ingest_sites ({_SITES_COLUMNS}) FROM STDIN",
+        f"INSERT INTO sites ({_SITES_COLUMNS}) SELECT {_SITES_COLUMNS} FROM ingest_sites ORDER BY site"  # noqa: S608
+        f" ON CONFLICT (site) DO UPDATE SET {_SITES_UPDATE}{_SITES_WHERE}"
+        f" OR excluded.status_ts > sites.status_ts + interval '{_GRACE} seconds'",
+    ),
+}
 
 
 def _pg_dt(value: datetime) -> datetime:
     return value
+
+
+_ZERO = timedelta(0)
+
+
+def _sqlite_dt(value: datetime) -> str:
+    # The format SQLAlchemy's SQLite DateTime reads back (naive UTC, always with microseconds): the
+    # first 26 characters of the UTC isoformat, without its "+00:00" (a hot path: no replace/astimezone
+    # for the usual UTC value, whatever tzinfo object pydantic gave it).
+    if value.utcoffset() != _ZERO:  # naive (taken as local time, as astimezone does) or another zone
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def _is_newest(latest: dict[str, Received], item: Received) -> bool:

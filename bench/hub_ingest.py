@@ -243,12 +243,15 @@ def phase_hub(args: argparse.Namespace, *, replicas: int, db: str, backlog: bool
         engine.dispose()
         lat = sorted(_secs(r.stored_at) - _secs(r.ts) for r in rows)
         last = max((_secs(r.stored_at) for r in rows), default=pub["t0"])
+        first = min((_secs(r.stored_at) for r in rows), default=pub["t0"])
         result = {
             **pub,
             "stored": len(rows),
             "rate": len(rows) / (last - pub["t0"]) if rows else 0.0,
             "p99": (lat[int(len(lat) * 0.99) - 1] if lat else None) if not backlog else None,
             "p50": (statistics.median(lat) if lat else None) if not backlog else None,
+            # Backlog only: the drain itself, first to last commit (the rate above includes hub startup).
+            "drain": (len(rows) / (last - first) if last > first else None) if backlog else None,
         }
         if args.keep_logs:
             result["logs"] = str(work)
@@ -348,7 +351,8 @@ def main() -> int:
         p99 = f"{res['p99'] * 1000:.0f} ms" if res.get("p99") is not None else "-"
         p50 = f"{res['p50'] * 1000:.0f} ms" if res.get("p50") is not None else "-"
         print(f"  {name:12s} published {res['published']:7d} ({res['publish_rate']:7.0f}/s) "
-              f"stored {res['stored']:7d}  rate {res['rate']:7.0f} msg/s  p50 {p50:>8s}  p99 {p99:>8s}", flush=True)
+              f"stored {res['stored']:7d}  rate {res['rate']:7.0f} msg/s  p50 {p50:>8s}  p99 {p99:>8s}"
+              + (f"  drain {res['drain']:.0f} msg/s (first to last commit)" if res.get("drain") else ""), flush=True)
     raw = results.get("raw", {}).get("rate")
     print("summary:")
     for name, res in results.items():

@@ -18,8 +18,6 @@ Two kinds:
 from __future__ import annotations
 
 import time
-from datetime import datetime
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
@@ -89,17 +87,6 @@ LOOP_LAG = Gauge("edgefleet_agent_event_loop_lag_seconds", "How late the daemon'
 STARTED = Gauge("edgefleet_agent_start_timestamp_seconds", "Unix time the daemon started")
 
 
-def _timestamp(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
 def refresh(store: StateStore, *, now: float | None = None) -> None:
     """Set the state gauges from the persisted site state (see the module docstring)."""
     now = time.time() if now is None else now
@@ -141,7 +128,7 @@ def refresh(store: StateStore, *, now: float | None = None) -> None:
     NODES.labels("false").set(sum(1 for n in nodes if not n.get("ready")))
     SCALED_DOWN.set(len(degradation.get("scaled_down") or []))
 
-    last = _timestamp((snapshot or {}).get("last_success"))
+    last = sitestatus.timestamp((snapshot or {}).get("last_success"))
     SNAPSHOT_AGE.set(now - last if last is not None else -1)
     SNAPSHOT_LAST_SUCCESS.set(last or 0)
     SNAPSHOT_FAILURES.set(int((snapshot or {}).get("failures") or 0))

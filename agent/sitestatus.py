@@ -37,17 +37,25 @@ def parts(store: StateStore) -> dict[str, Any]:
     }
 
 
+def timestamp(value: Any) -> float | None:
+    """Unix time of a stored time value (a number, or ISO 8601 text as the modules store it)."""
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
 def _fresh_snapshot(value: Any, *, now: datetime) -> Any:
     """Recompute the snapshot age at send time: the stored age is only as fresh as its last write."""
-    if not isinstance(value, dict) or not value.get("last_success"):
+    last = timestamp(value.get("last_success")) if isinstance(value, dict) else None
+    if last is None:
         return value
-    try:
-        last = datetime.fromisoformat(str(value["last_success"]).replace("Z", "+00:00"))
-    except ValueError:
-        return value
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=UTC)
-    return {**value, "age_seconds": max(0.0, (now - last).total_seconds())}
+    return {**value, "age_seconds": max(0.0, now.timestamp() - last)}
 
 
 def build(store: StateStore, *, site: str, interval_seconds: float, seq: int | None = None) -> protocol.Status:

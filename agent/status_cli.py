@@ -58,17 +58,6 @@ def _rows(db: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> lis
         return []
 
 
-def _timestamp(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
 def _pid_alive(pid: Any) -> bool | None:
     """Whether the daemon that wrote the state still runs (a reused pid after a reboot does not count)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -146,7 +135,7 @@ def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
         }
 
         if snapshot:
-            last = _timestamp(snapshot.get("last_success"))
+            last = sitestatus.timestamp(snapshot.get("last_success"))
             report["snapshot"] = {**snapshot, "age_seconds": None if last is None else max(0.0, now - last)}
         else:
             report["snapshot"] = None
@@ -265,7 +254,7 @@ def render(report: dict[str, Any], *, site: str) -> str:
         lines.append("  snapshot:  none yet")
 
     box = report["outbox"]
-    last = _timestamp(box.get("last_publish"))
+    last = sitestatus.timestamp(box.get("last_publish"))
     published = "never" if last is None else f"{human_age(time.time() - last)} ago"
     oldest = f", oldest {human_age(box['oldest_age_seconds'])}" if box.get("oldest_age_seconds") is not None else ""
     lines.append(f"  outbox:    {box['depth']} message(s) waiting{oldest}; last publish {published}")

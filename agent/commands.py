@@ -34,19 +34,22 @@ import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter
 
 from agent import outbox, protocol
 from agent.context import AgentContext
 from agent.state import StateStore
-from bundles import dsse
 from bundles.errors import BundleError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+# cryptography (via bundles.dsse) is imported where a command is checked, not here: it costs
+# ~7 MiB RSS, and an idle agent with no commands arriving never needs it.
 
 log = structlog.get_logger("edgefleet.commands")
 
@@ -95,6 +98,9 @@ def setup(store: StateStore) -> None:
 
 
 def load_hub_key(trust_dir: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     path = trust_dir / protocol.HUB_COMMAND_KEY_FILE
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
@@ -109,6 +115,8 @@ def load_hub_key(trust_dir: Path) -> Ed25519PublicKey:
 
 def verify(payload: bytes, *, key: Ed25519PublicKey, site: str) -> protocol.Command:
     """Signature, schema and addressee: everything that needs no agent state."""
+    from bundles import dsse
+
     try:
         envelope = dsse.parse(payload, max_bytes=protocol.MAX_COMMAND_ENVELOPE_BYTES)
     except dsse.EnvelopeError as exc:
@@ -219,6 +227,8 @@ def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
 
 def _unverified_cmd_id(payload: bytes) -> str:
     """Best effort, for correlation only: the cmd_id an unverifiable envelope claims."""
+    from bundles import dsse
+
     try:
         envelope = dsse.parse(payload, max_bytes=protocol.MAX_COMMAND_ENVELOPE_BYTES)
         doc = json.loads(envelope.payload)

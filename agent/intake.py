@@ -28,14 +28,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from agent import exitcodes, installer, metrics, protocol
 from agent.context import AgentContext
 from agent.install import journal
-from bundles import errors, split, trust, verify
+from bundles import errors, split
+
+if TYPE_CHECKING:
+    from bundles import verify
 
 log = structlog.get_logger("edgefleet.intake")
 
@@ -71,6 +74,10 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 
 
 def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
+    # Imported here, not at module level: the verifier pulls in cryptography and the manifest
+    # models (~10 MiB RSS) that an idle daemon never needs; the first import pays it once.
+    from bundles import trust, verify
+
     root = trust.load_root(ctx.config.trust_dir / "root.json")
     release, created = journal.highwater(ctx.store)
     # Compatibility: the cluster's version as the installer last saw it (None before the first
@@ -86,8 +93,17 @@ def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
 
 
 def _cleanup(ctx: AgentContext) -> None:
+    """Sweep staging/trash dirs a crash left behind (all are dot-named).
+
+    Looks first, so a clean store does not import the verifier (see :func:`_verify`).
+    """
+    store = store_dir(ctx)
+    if not store.is_dir() or not any(child.name.startswith(".") for child in store.iterdir()):
+        return
+    from bundles import verify
+
     with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
-        verify.cleanup_stale(store_dir(ctx))
+        verify.cleanup_stale(store)
 
 
 def _reject(ctx: AgentContext, path: Path, exc: errors.BundleError) -> None:
@@ -131,6 +147,8 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
         ctx.emit("install.bad_cleared", f"{rec.bundle} re-imported: its bad mark is cleared",
                  data={"bundle": rec.bundle})
     if staged.root_rotated and staged.root_envelope:
+        from bundles import trust
+
         try:
             trust.save_root(ctx.config.trust_dir / "root.json", staged.root_envelope)
         except (OSError, errors.BundleError) as exc:

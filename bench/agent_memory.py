@@ -3,16 +3,21 @@
 Prints RSS after ``import agent.daemon`` (everything the daemon imports) in fresh interpreters,
 with kubernetes-asyncio imported the usual way as the baseline measured in the same run, the
 ratio, module counts, and where the code goes (pyc bytes per top-level package). See
-docs/operations.md, "Memory". Usage: ``python bench/agent_memory.py [--runs N]``.
+docs/operations.md, "Memory". With ``--idle SECONDS``, also runs the daemon (``edgefleet-agent run``,
+HTTP on, link and snapshots off, no bundle) against a 3-node sim subprocess and prints its steady
+RSS and idle CPU against the targets. Usage: ``python bench/agent_memory.py [--runs N] [--idle 60]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +51,48 @@ def measure(mode: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def idle(seconds: float) -> tuple[float, float]:
+    """(steady RSS MiB, CPU % of one core) of the daemon with no bundle, after 20 s of settling."""
+    import psutil
+    import yaml
+
+    sys.path.insert(0, str(ROOT))
+    import sim.testing
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-idle-") as tmp, \
+            sim.testing.start_process(speed=20) as site:
+        work = Path(tmp)
+        config = work / "agent.yaml"
+        config.write_text(yaml.safe_dump({
+            "site_id": "bench-site", "state_dir": str(work / "state"), "trust_dir": str(work / "trust"),
+            "kubeconfig": str(site.kubeconfig), "http": {"enabled": True, "port": 0},
+            "link": {"enabled": False}, "snapshots": {"enabled": False},
+        }))
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(config), "run"], env=env,
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            p = psutil.Process(proc.pid)
+            time.sleep(20)
+            c0, t0 = p.cpu_times(), time.perf_counter()
+            samples = []
+            while time.perf_counter() - t0 < seconds:
+                samples.append(p.memory_info().rss / 2**20)
+                time.sleep(1)
+            c1, t1 = p.cpu_times(), time.perf_counter()
+            if proc.poll() is not None:
+                raise SystemExit(f"daemon exited early (rc={proc.returncode})")
+            cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0) * 100
+            return sorted(samples)[len(samples) // 2], cpu
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--idle", type=float, default=0.0, help="also measure the idle daemon for this many seconds")
     args = parser.parse_args()
     results: dict[str, list[dict[str, Any]]] = {"full": [], "lazy": []}
     for _ in range(args.runs):
@@ -66,6 +110,10 @@ def main() -> None:
     print("largest packages by pyc bytes (lazy):")
     for name, size in results["lazy"][-1]["pyc"]:
         print(f"  {name:22s} {size / 2**20:5.2f} MiB")
+    if args.idle > 0:
+        steady, cpu = idle(args.idle)
+        print(f"idle daemon, no bundle, 3-node sim (speed 20), {args.idle:.0f} s: steady RSS {steady:.1f} MiB "
+              f"({steady / 64:.2f}x the 64 MiB target), CPU {cpu:.2f}% of one core ({cpu:.2f}x the 1% target)")
 
 
 if __name__ == "__main__":

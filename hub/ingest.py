@@ -212,7 +212,9 @@ class Ingest:
                     await asyncio.wait_for(self.full.wait(), timeout=cfg.flush_interval_seconds)
             if not self.batch:
                 continue
-            items, self.batch = self.batch, []
+            # At most one batch per transaction: under a flood (a session backlog) the reader outpaces
+            # the writer, and one ever-growing transaction would delay every commit and acknowledgement.
+            items, self.batch = self.batch[: cfg.batch_size], self.batch[cfg.batch_size :]
             while True:
                 try:
                     result = await self.write(items)
@@ -298,6 +300,9 @@ class Ingest:
                     self.ctx.metrics.connected.set(0)
 
 
+_GC_GEN0 = 20_000
+
+
 def _tune_gc() -> None:
     """Make the cyclic garbage collector cheap for ingest's allocation pattern.
 
@@ -306,10 +311,14 @@ def _tune_gc() -> None:
     collections that re-scan every long-lived object of the process (modules, FastAPI, SQLAlchemy):
     measured at a large share of the CPU per message. So: freeze what exists after startup (it is
     never garbage) and collect the young generation every 20,000 allocations instead of 700
-    (a few MB at most). Process-wide on purpose: the hub's hot path is ingest.
+    (a few MB at most). Process-wide on purpose: the hub's hot path is ingest. Once per process
+    (tests start many hubs in one), after a collection so no garbage is frozen with the rest.
     """
+    if gc.get_threshold()[0] == _GC_GEN0:
+        return
+    gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
+    gc.set_threshold(_GC_GEN0, 10, 10)
 
 
 async def run(ctx: HubContext, *, pipeline: Ingest | None = None) -> None:

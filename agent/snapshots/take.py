@@ -184,12 +184,23 @@ async def _take_locked(
         for leftover in (raw_part, zst_part, etcdctl_part):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
-    entry = catalog.Entry(
+    return _verified_entry(
+        name=name, path=final, taken=now, duration=time.monotonic() - started, backend=cfg.backend,
+        trigger=trigger, compressed=cfg.compress, etcd_status=etcd_status, digest=digest,
+    )
+
+
+def _verified_entry(
+    *, name: str, path: Path, taken: datetime, duration: float, backend: str, trigger: str, compressed: bool,
+    etcd_status: verify.Status, digest: verify.Digest,
+) -> catalog.Entry:
+    """The catalog row of a snapshot file that just passed verification."""
+    return catalog.Entry(
         name=name,
-        path=final,
-        taken=now,
-        duration=time.monotonic() - started,
-        backend=cfg.backend,
+        path=path,
+        taken=taken,
+        duration=duration,
+        backend=backend,
         trigger=trigger,
         revision=etcd_status.revision,
         total_keys=etcd_status.total_keys,
@@ -198,11 +209,10 @@ async def _take_locked(
         sha256=digest.sha256,
         file_size=digest.file_size,
         file_sha256=digest.file_sha256,
-        compressed=cfg.compress,
+        compressed=compressed,
         verified=True,
         verified_at=datetime.now(UTC),
     )
-    return entry
 
 
 async def _save(ctx: AgentContext, dest: Path, *, growing: Path, compress_to: Path | None) -> verify.Digest | None:
@@ -354,26 +364,11 @@ async def _adopt(ctx: AgentContext, path: Path, taken: datetime) -> None:
     except verify.VerificationFailed as exc:
         log.warning("unrecorded snapshot file fails verification; left in place", path=str(path), error=str(exc))
         return
-    compressed = path.name.endswith(verify.ZST_SUFFIX)
     catalog.add(
         ctx.store,
-        catalog.Entry(
-            name=path.name,
-            path=path,
-            taken=taken,
-            duration=0.0,
-            backend="unknown",
-            trigger="adopted",
-            revision=etcd_status.revision,
-            total_keys=etcd_status.total_keys,
-            etcd_hash=etcd_status.etcd_hash,
-            size=digest.size,
-            sha256=digest.sha256,
-            file_size=digest.file_size,
-            file_sha256=digest.file_sha256,
-            compressed=compressed,
-            verified=True,
-            verified_at=datetime.now(UTC),
+        _verified_entry(
+            name=path.name, path=path, taken=taken, duration=0.0, backend="unknown", trigger="adopted",
+            compressed=path.name.endswith(verify.ZST_SUFFIX), etcd_status=etcd_status, digest=digest,
         ),
     )
     log.info("adopted a verified snapshot file the catalog did not know", name=path.name)

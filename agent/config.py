@@ -281,8 +281,10 @@ class AgentConfig(BaseSettings):
         return self.snapshots.directory or self.state_dir / "snapshots"
 
 
-def load(path: Path, **overrides: Any) -> AgentConfig:
-    """Load and validate the config file; raise :class:`ConfigError` with one clear line."""
+def read_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML config file that must be a mapping; raise :class:`ConfigError` with one clear line.
+
+    Shared by the agent's and the hub's loaders, so both report a bad file the same way."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -295,11 +297,23 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: config must be a mapping of fields, got {type(doc).__name__}")
+    return doc
+
+
+def describe(exc: ValidationError, *, where: str) -> str:
+    """One line naming the first invalid field (``where: field: message (and N more)``)."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {field + ': ' if field else ''}{msg}{more}"
+
+
+def load(path: Path, **overrides: Any) -> AgentConfig:
+    """Load and validate the config file; raise :class:`ConfigError` with one clear line."""
+    doc = read_mapping(path)
     doc.update(overrides)
     try:
         return AgentConfig(**doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "config"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {field}: {first['msg']}{more}") from None
+        raise ConfigError(describe(exc, where=str(path))) from None

@@ -12,15 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent import config as agent_config
 
 DEFAULT_PATH = Path("/etc/edgefleet/hub.yaml")
 
 
-class ConfigError(Exception):
-    """A config problem, already phrased as one line naming the field."""
+ConfigError = agent_config.ConfigError
 
 
 class _Section(BaseModel):
@@ -174,28 +174,9 @@ class HubConfig(BaseSettings):
 
 def load(path: Path | None, **overrides: Any) -> HubConfig:
     """Load and validate the config (file optional); raise :class:`ConfigError` with one clear line."""
-    doc: dict[str, Any] = {}
-    where = str(path) if path else "config"
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: config must be a mapping of fields, got {type(loaded).__name__}")
-        doc = loaded
+    doc = agent_config.read_mapping(path) if path is not None else {}
     doc.update(overrides)
     try:
         return HubConfig(**doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {field + ': ' if field else ''}{msg}{more}") from None
+        raise ConfigError(agent_config.describe(exc, where=str(path) if path else "config")) from None

@@ -277,6 +277,12 @@ class AgentConfig(BaseSettings):
         return self.inbox_dir or self.state_dir / "inbox"
 
     @property
+    def trust_chain(self) -> Path:
+        """The rotations of the trust root this site accepted (``trust_dir`` holds only the seed
+        ``root.json`` and is read-only under the systemd unit): see ``bundles.trust.load_effective``."""
+        return self.state_dir / "trust" / "root-chain.json"
+
+    @property
     def snapshot_dir(self) -> Path:
         return self.snapshots.directory or self.state_dir / "snapshots"
 

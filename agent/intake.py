@@ -1,8 +1,17 @@
 """Bundle intake: a file (CLI, hub download, inbox) → verified, staged, queued for install.
 
 Nothing from a bundle is used before :func:`bundles.verify.verify_and_stage` accepted every
-byte against the site's trust root (``<trust_dir>/root.json``) and the anti-rollback
-high-water mark (release, created) of the last *committed* bundle. A rejected bundle changes
+byte against the site's effective trust root and the anti-rollback high-water mark (release,
+created) of the last *committed* bundle.
+
+Trust root: ``<trust_dir>/root.json`` is the operator-installed seed (read-only to the agent under
+its systemd unit); rotations carried by verified bundles are stored in the state directory
+(``config.trust_chain``) and re-walked from the seed on every load
+(:func:`bundles.trust.load_effective`). A stored chain that does not walk from the seed, or one
+that yields a lower version than this site already trusted (file deleted or swapped for an older
+one), refuses every bundle with a ``trust.refused`` event until an operator fixes it: falling back
+to the seed would silently re-trust retired keys. The effective root is recorded under
+``site.trust`` for ``edgefleet-agent status``. A rejected bundle changes
 nothing but the outbox (a ``bundle.rejected`` event saying why) and, for inbox files, where
 the file lies (``inbox/rejected/`` next to a ``.reason`` file).
 
@@ -32,13 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent import exitcodes, installer, metrics, protocol
+from agent import exitcodes, installer, metrics, protocol, sitestatus
 from agent.context import AgentContext
 from agent.install import journal
 from bundles import errors, split
 
 if TYPE_CHECKING:
-    from bundles import verify
+    from bundles import trust, verify
 
 log = structlog.get_logger("edgefleet.intake")
 
@@ -73,12 +82,49 @@ def store_dir(ctx: AgentContext) -> Path:
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
 
 
-def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
+def _effective_root(ctx: AgentContext) -> trust.Effective:
+    """The seed walked through the stored rotations; refused if it went back below what this site trusted."""
     # Imported here, not at module level: the verifier pulls in cryptography and the manifest
     # models (~10 MiB RSS) that an idle daemon never needs; the first import pays it once.
-    from bundles import trust, verify
+    from bundles import trust
 
-    root = trust.load_root(ctx.config.trust_dir / "root.json")
+    effective = trust.load_effective(ctx.config.trust_dir / "root.json", ctx.config.trust_chain)
+    trusted = int((ctx.store.get(sitestatus.TRUST_KEY) or {}).get("version") or 0)
+    if effective.root.version < trusted:
+        raise errors.RootInvalid(
+            f"the trust root is v{effective.root.version} (seed {ctx.config.trust_dir / 'root.json'} + "
+            f"{ctx.config.trust_chain}) but this site already trusted v{trusted}: the stored chain was removed "
+            f"or replaced; restore it, or install root v{trusted} or newer as the seed"
+        )
+    return effective
+
+
+def _trust_checked(ctx: AgentContext, *, effective: trust.Effective | None = None,
+                   error: errors.BundleError | None = None) -> None:
+    """Record the effective root (or why it was refused) for ``status``; a new refusal is an event.
+
+    The version recorded is a high-water mark: a refusal keeps the last trusted version, so a
+    deleted chain file cannot lower it.
+    """
+    before = ctx.store.get(sitestatus.TRUST_KEY) or {}
+    if effective is not None:
+        record: dict[str, Any] = {
+            "version": effective.root.version, "seed_version": effective.seed.version,
+            "rotations": len(effective.links), "expires": effective.root.expires.isoformat(), "error": None,
+        }
+    else:
+        assert error is not None
+        record = {**before, "error": error.message}
+        if before.get("error") != error.message:
+            ctx.emit("trust.refused", f"bundle trust root refused: {error.message}", severity=protocol.Severity.ERROR,
+                     data={"reason": error.reason, "error": error.message})
+    if record != before:
+        ctx.store.put(sitestatus.TRUST_KEY, record)
+
+
+def _verify(ctx: AgentContext, path: Path, *, root: trust.TrustRoot) -> verify.StagedBundle:
+    from bundles import verify
+
     release, created = journal.highwater(ctx.store)
     # Compatibility: the cluster's version as the installer last saw it (None before the first
     # contact: then only the architecture is checked) and this node's CPU architecture.
@@ -90,6 +136,29 @@ def _verify(ctx: AgentContext, path: Path) -> verify.StagedBundle:
             min_created=datetime.fromisoformat(created) if created else None,
             kubernetes_version=kubernetes_version, arch=_ARCH.get(platform.machine(), platform.machine()),
         )
+
+
+def _persist_rotation(ctx: AgentContext, effective: trust.Effective, staged: verify.StagedBundle) -> trust.Effective:
+    """Store the rotations the bundle's chain made (a valid rotation stands whatever the bundle's fate).
+
+    Raises ``StoreError`` if it cannot be written: going on would trust the new root only until
+    the next restart, which is exactly the bug this guards against. Under the staging lock, from a
+    fresh load: the inbox unit's process may have stored a longer chain since ``effective`` was
+    read, and overwriting it with a shorter one would lower the stored version.
+    """
+    from bundles import trust
+
+    try:
+        with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
+            current = trust.load_effective(ctx.config.trust_dir / "root.json", ctx.config.trust_chain)
+            if current.root.version < effective.root.version:
+                raise errors.RootInvalid(f"the stored trust chain went back to v{current.root.version} meanwhile")
+            return trust.persist_rotation(current, staged.root_chain, chain_path=ctx.config.trust_chain)
+    except (OSError, errors.BundleError) as exc:
+        message = exc.message if isinstance(exc, errors.BundleError) else str(exc)
+        raise errors.StoreError(
+            f"could not store the rotation to trust root v{staged.root.version} in {ctx.config.trust_chain}: {message}"
+        ) from None
 
 
 def _cleanup(ctx: AgentContext) -> None:
@@ -122,11 +191,29 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
     journal.setup(ctx.store)
     existed = {p.name for p in store_dir(ctx).iterdir()} if store_dir(ctx).is_dir() else set()
     try:
-        staged = await asyncio.to_thread(_verify, ctx, path)
+        effective = await asyncio.to_thread(_effective_root, ctx)
+    except errors.BundleError as exc:
+        _trust_checked(ctx, error=exc)
+        _reject(ctx, path, exc)
+        raise
+    _trust_checked(ctx, effective=effective)
+    try:
+        staged = await asyncio.to_thread(_verify, ctx, path, root=effective.root)
     except errors.BundleError as exc:
         if explicit or not _waiting_for_parts(path, exc):
             _reject(ctx, path, exc)
         raise
+    if staged.root_rotated:
+        try:
+            rotated = await asyncio.to_thread(_persist_rotation, ctx, effective, staged)
+        except errors.BundleError as exc:
+            if staged.path.name not in existed:
+                shutil.rmtree(staged.path, ignore_errors=True)
+            _reject(ctx, path, exc)
+            raise
+        old, new = effective.root.version, rotated.root.version
+        ctx.emit("trust.rotated", f"bundle trust root rotated from v{old} to v{new}", data={"from": old, "to": new})
+        _trust_checked(ctx, effective=rotated)
     manifest = staged.manifest
     rec = journal.BundleRecord(
         bundle_id=staged.bundle_id, bundle=f"{manifest.name}-{manifest.version}", name=manifest.name,
@@ -146,13 +233,6 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
         cleared = True
         ctx.emit("install.bad_cleared", f"{rec.bundle} re-imported: its bad mark is cleared",
                  data={"bundle": rec.bundle})
-    if staged.root_rotated and staged.root_envelope:
-        from bundles import trust
-
-        try:
-            trust.save_root(ctx.config.trust_dir / "root.json", staged.root_envelope)
-        except (OSError, errors.BundleError) as exc:
-            log.warning("could not persist the rotated trust root", error=str(exc))
     with ctx.store.transaction():
         journal.record_bundle(ctx.store, rec)
         run = journal.new_run(ctx.store, rec)

@@ -7,6 +7,8 @@ thing, and a restarted agent reports what it knew before the restart:
 * ``site.install``     installer: ``bundle``, ``install_state``, ``components``
 * ``site.degradation`` degradation: ``state``, ``reason``, ``nodes``, ``scaled_down``
 * ``site.snapshot``    snapshots: a :class:`~agent.protocol.SnapshotInfo` as a dict
+* ``site.trust``       intake: the effective bundle trust root as last loaded (``version``,
+  ``seed_version``, ``rotations``, ``expires``) or why it was refused (``error``)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from agent.state import StateStore
 INSTALL_KEY = "site.install"
 DEGRADATION_KEY = "site.degradation"
 SNAPSHOT_KEY = "site.snapshot"
+TRUST_KEY = "site.trust"
 
 try:
     from importlib.metadata import version as _dist_version

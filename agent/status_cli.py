@@ -91,6 +91,9 @@ def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
         }
         install, degradation, snapshot = parts["install"], parts["degradation"], parts["snapshot"]
 
+        # Recorded by the intake each time it loads the root (status itself stays free of crypto).
+        report["trust"] = _kv(db, sitestatus.TRUST_KEY)
+
         daemon = _kv(db, DAEMON_KEY) or {}
         if daemon:
             daemon = {**daemon, "running": _pid_alive(daemon.get("pid")) and not daemon.get("stopping")}
@@ -244,6 +247,8 @@ def render(report: dict[str, Any], *, site: str) -> str:
                 f"{w.get('replicas')}/{w.get('original_replicas')} replicas{why}"
             )
 
+    lines.append(f"  trust:     {_trust_line(report.get('trust'))}")
+
     snap = report.get("snapshot")
     if snap and snap.get("last_success"):
         fails = f", {snap['failures']} failure(s) since" if snap.get("failures") else ""
@@ -270,6 +275,18 @@ def render(report: dict[str, Any], *, site: str) -> str:
     else:
         lines.append("  events:    none yet")
     return "\n".join(lines) + "\n"
+
+
+def _trust_line(trust: dict[str, Any] | None) -> str:
+    """The bundle trust root as the intake last loaded it (seed + stored rotations)."""
+    if not trust:
+        return "root not loaded yet (no bundle verified with this state directory)"
+    if not trust.get("version"):
+        return f"REFUSED: {trust.get('error')}"
+    rotations = trust.get("rotations") or 0
+    line = f"root v{trust['version']} (seed v{trust.get('seed_version')} + {rotations} stored rotation(s)), " \
+           f"expires {trust.get('expires')}"
+    return f"{line}; REFUSED now: {trust['error']}" if trust.get("error") else line
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

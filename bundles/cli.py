@@ -202,7 +202,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    root = trust.load_root(Path(args.root))
+    if args.trust_chain:
+        root = trust.load_effective(Path(args.root), Path(args.trust_chain)).root
+    else:
+        root = trust.load_root(Path(args.root))
     common: dict[str, Any] = {
         "root": root,
         "min_release": args.min_release,
@@ -221,7 +224,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     human = (
         f"OK {m.label()} release {m.release}: {len(res.signers)} valid signature(s) of threshold "
         f"{res.root.threshold(m.channel)}, {len(m.files)} files / {m.payload_bytes} bytes verified\n"
-        f"bundle id {res.bundle_id}"
+        f"bundle id {res.bundle_id}, trust root v{res.root.version}"
     )
     if isinstance(res, verify.StagedBundle):
         data["staged"] = str(res.path)
@@ -356,7 +359,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", parents=[common], help="verify a bundle (and stage it with --store)")
     s.add_argument("bundle")
-    s.add_argument("--root", required=True, help="trust root (root.json)")
+    s.add_argument("--root", required=True, help="trust root (root.json; on a site: the seed)")
+    s.add_argument("--trust-chain", help="a site's stored rotations (/var/lib/edgefleet/trust/root-chain.json): "
+                   "verify against the effective root, as the agent does")
     s.add_argument("--store", help="bundle store to stage into")
     s.add_argument("--min-release", type=int, default=0)
     s.add_argument("--min-created", help="ISO time of the newest bundle seen")

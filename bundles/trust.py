@@ -9,6 +9,10 @@ Public surface (stable):
   ``parse_root(bytes) -> (TrustRoot, Envelope)``, ``load_root(path)``, ``load_root_bytes(path)``,
   ``save_root(path, envelope_bytes)`` (atomic), ``verify_chain(trusted, chain, now=, max_length=)``,
   ``count_valid(envelope, root, role) -> set[keyid]``, ``check_threshold(envelope, root, role)``.
+- ``parse_chain(data, max_length=)`` / ``chain_json(links)``: the ``{"links": [...]}`` file format
+  shared by a bundle's ``root-chain.json`` and a site's stored chain.
+- ``Effective``, ``load_effective(seed_path, chain_path)``, ``persist_rotation(effective, chain,
+  chain_path=)``: a site's effective root = its seed plus the rotations it stored (below).
 
 On disk ``root.json`` is a DSSE envelope (payload type ``ROOT_PAYLOAD_TYPE``) over the canonical
 JSON of a ``TrustRoot``. keyid = lowercase hex sha256 of the raw public key, so a keyid can never
@@ -25,6 +29,15 @@ keys). A chain [N+1, N+2, ...] can travel inside a bundle so a site that missed 
 catches up offline; its length is capped (``MAX_CHAIN``) so a hostile bundle cannot make a site
 verify an unbounded number of links. Intermediate roots may have expired (a site that slept
 for two years must still be able to walk the chain); only the final root's expiry is enforced.
+
+Persisted rotation (the TUF way): the operator-installed ``root.json`` (``/etc/edgefleet/trust``,
+read-only to the agent under its systemd unit) is only the *seed*. The rotations a site accepted
+are kept as a chain file in its state directory, and the effective root is re-derived from the
+seed on every load by walking that chain link by link. A chain file that does not walk from the
+seed (planted, or left from another seed) is refused loudly (``RootInvalid`` naming the file), not
+skipped: silently falling back to the seed would re-trust keys a rotation retired. Links at or
+below the seed's version are skipped, so an operator who installs a newer seed needs no cleanup;
+the next persisted rotation drops them.
 """
 
 from __future__ import annotations
@@ -32,9 +45,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -49,6 +64,10 @@ from bundles.manifest import UtcDatetime, _Model, canonical_json, loads_strict, 
 ROOT_PAYLOAD_TYPE = "application/vnd.edgefleet.root.v1+json"
 MAX_ROOT_BYTES = 256 * 1024
 MAX_CHAIN = 8
+#: A site's stored chain grows by one link per rotation it ever accepted: generous, but bounded so
+#: a planted file cannot make every bundle verification walk without end.
+MAX_STORED_LINKS = 256
+MAX_STORED_CHAIN_BYTES = 16 * 1024 * 1024
 Role = Literal["release", "development"]
 
 
@@ -215,11 +234,18 @@ def load_root(path: Path) -> TrustRoot:
 def save_root(path: Path, envelope_bytes: bytes) -> None:
     """Atomically replace ``path`` (temp file + fsync + rename + directory fsync)."""
     parse_root(envelope_bytes)
+    _write_atomic(path, envelope_bytes)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` so that a crash or power loss leaves either the old or the new content:
+    temp file in the same directory + fsync, rename over, then fsync the directory (the rename
+    itself is only durable once the directory entry is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".root-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(envelope_bytes)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -245,7 +271,16 @@ def verify_chain(
     """
     if len(chain) > max_length:
         raise errors.ChainTooLong(f"root chain has {len(chain)} links, the cap is {max_length}")
+    current, _used = _walk(trusted, chain)
+    if current.expires <= (now or now_utc()):
+        raise errors.RootExpired(f"trust root v{current.version} expired at {current.expires.isoformat()}")
+    return current
+
+
+def _walk(trusted: TrustRoot, chain: Sequence[bytes]) -> tuple[TrustRoot, tuple[bytes, ...]]:
+    """The newest root reached from ``trusted`` and the links that got there (no expiry check)."""
     current = trusted
+    used: list[bytes] = []
     for i, link in enumerate(chain):
         try:
             new, env = parse_root(link)
@@ -263,6 +298,89 @@ def verify_chain(
             except (errors.UnknownKey, errors.SignatureInvalid, errors.BelowThreshold) as exc:
                 raise errors.ChainBroken(f"root chain link {i}: {exc.message}") from None
         current = new
-    if current.expires <= (now or now_utc()):
-        raise errors.RootExpired(f"trust root v{current.version} expired at {current.expires.isoformat()}")
-    return current
+        used.append(link)
+    return current, tuple(used)
+
+
+def parse_chain(data: bytes, *, max_length: int = MAX_CHAIN) -> tuple[bytes, ...]:
+    """The links of a ``{"links": [<root envelope>, ...]}`` document, each as envelope bytes."""
+    try:
+        doc = loads_strict(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise errors.ChainBroken(f"root chain is not JSON: {exc}") from None
+    links = doc.get("links") if isinstance(doc, dict) else None
+    if not isinstance(links, list) or not all(isinstance(x, dict) for x in links):
+        raise errors.ChainBroken("root chain must be {\"links\": [<root envelope>, ...]}")
+    if len(links) > max_length:
+        raise errors.ChainTooLong(f"root chain has {len(links)} links, the cap is {max_length}")
+    return tuple(json.dumps(x, sort_keys=True, separators=(",", ":")).encode() for x in links)
+
+
+def chain_json(links: Sequence[bytes]) -> bytes:
+    """The ``{"links": [...]}`` document for ``links`` (envelope bytes), as :func:`parse_chain` reads it."""
+    return json.dumps({"links": [json.loads(x) for x in links]}, sort_keys=True).encode()
+
+
+# --- a site's effective root: seed + stored rotations ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effective:
+    """What a site trusts now. ``links`` are the stored rotations above the seed, in order, each
+    verified from ``seed``; ``root`` is the last one's root (``seed`` when there are none)."""
+
+    seed: TrustRoot
+    root: TrustRoot
+    links: tuple[bytes, ...]
+
+
+def load_effective(seed_path: Path, chain_path: Path) -> Effective:
+    """The seed at ``seed_path`` walked through the chain stored at ``chain_path`` (may be absent).
+
+    Raises ``RootInvalid`` if the seed is unreadable or not self-signed, or if the stored chain is
+    unreadable or does not walk from the seed (the message names the file and what to do).
+    Expiry is not checked: a bundle's chain may still rotate an expired root (``verify_chain``
+    checks the final root).
+    """
+    seed = load_root(seed_path)
+    try:
+        with open(chain_path, "rb") as fh:
+            data = fh.read(MAX_STORED_CHAIN_BYTES + 1)
+    except FileNotFoundError:
+        return Effective(seed=seed, root=seed, links=())
+    except OSError as exc:
+        raise errors.RootInvalid(f"cannot read the stored trust chain {chain_path}: {exc.strerror}") from None
+    try:
+        if len(data) > MAX_STORED_CHAIN_BYTES:
+            raise errors.ChainTooLong(f"it is over {MAX_STORED_CHAIN_BYTES} bytes")
+        root, used = _walk(seed, parse_chain(data, max_length=MAX_STORED_LINKS))
+    except (errors.ChainBroken, errors.ChainTooLong) as exc:
+        raise errors.RootInvalid(
+            f"stored trust chain {chain_path} does not chain from the seed root {seed_path} (v{seed.version}): "
+            f"{exc.message}; remove it to trust the seed only, or install the newest root as the seed"
+        ) from None
+    return Effective(seed=seed, root=root, links=used)
+
+
+def persist_rotation(effective: Effective, chain: Sequence[bytes], *, chain_path: Path) -> Effective:
+    """Store the links of ``chain`` (a verified bundle's) that take ``effective`` higher; return the new state.
+
+    The stored chain is rewritten whole (atomically: a power loss leaves the old or the new file)
+    and re-walked from the seed before it is written, so it never holds a link that does not
+    verify. Links at or below the effective version are ignored: the stored version never goes
+    down, and a chain that adds nothing writes nothing.
+    """
+    links = list(effective.links)
+    top = effective.root.version
+    for link in chain:
+        version = parse_root(link)[0].version
+        if version > top:
+            links.append(link)
+            top = version
+    if top == effective.root.version:
+        return effective
+    if len(links) > MAX_STORED_LINKS:
+        raise errors.ChainTooLong(f"the stored chain would have {len(links)} links, the cap is {MAX_STORED_LINKS}")
+    root, used = _walk(effective.seed, links)
+    _write_atomic(chain_path, chain_json(used))
+    return Effective(seed=effective.seed, root=root, links=used)

@@ -15,8 +15,8 @@ Public surface (stable):
 - ``StagedBundle``: ``path`` (``<store>/<bundle_id>``: ``manifest.json`` = the signed manifest bytes,
   ``manifest.dsse.json`` = the envelope as shipped, ``root-chain.json`` if any, ``payload/<files>``),
   ``payload_dir``, ``manifest``, ``bundle_id`` (sha256 hex of the envelope bytes), ``root`` (the
-  effective trust root after any rotation in the bundle), ``root_rotated``, ``root_envelope``
-  (bytes to persist as the site's new root.json when ``root_rotated``), ``signers``.
+  effective trust root after any rotation in the bundle), ``root_chain`` (the bundle's links, for
+  ``trust.persist_rotation``), ``root_rotated``, ``signers``.
 
 Verification order (docs/bundle-format.md), nothing skipped, nothing reordered:
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -94,10 +93,6 @@ class Verified:
     root_rotated: bool
     signers: frozenset[str]
     compression: str
-
-    @property
-    def root_envelope(self) -> bytes | None:
-        return self.root_chain[-1] if self.root_rotated and self.root_chain else None
 
 
 @dataclass(frozen=True)
@@ -293,22 +288,9 @@ def _read_preamble(
     if pending is not None and pending.name == container.CHAIN_NAME and pending.is_file:
         if pending.size > lim.max_chain_bytes:
             raise errors.ChainTooLong(f"root chain is {pending.size} bytes, over the {lim.max_chain_bytes}-byte cap")
-        chain = _parse_chain(_read_member(stream, pending, what="the root chain"))
+        chain = trust.parse_chain(_read_member(stream, pending, what="the root chain"))
         pending = container.next_header(stream)
     return env_bytes, chain, pending
-
-
-def _parse_chain(data: bytes) -> tuple[bytes, ...]:
-    try:
-        doc = loads_strict(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise errors.ChainBroken(f"root chain is not JSON: {exc}") from None
-    links = doc.get("links") if isinstance(doc, dict) else None
-    if not isinstance(links, list) or not all(isinstance(x, dict) for x in links):
-        raise errors.ChainBroken("root chain must be {\"links\": [<root envelope>, ...]}")
-    if len(links) > trust.MAX_CHAIN:
-        raise errors.ChainTooLong(f"root chain has {len(links)} links, the cap is {trust.MAX_CHAIN}")
-    return tuple(json.dumps(x, sort_keys=True, separators=(",", ":")).encode() for x in links)
 
 
 def _channel_hint(payload: bytes) -> str:
@@ -635,8 +617,7 @@ class _Stager:
         self._wait_flushes()
         metas = [("manifest.dsse.json", envelope), ("manifest.json", manifest_bytes)]
         if chain:
-            links = [json.loads(x) for x in chain]
-            metas.append((container.CHAIN_NAME, json.dumps({"links": links}, sort_keys=True).encode()))
+            metas.append((container.CHAIN_NAME, trust.chain_json(chain)))
         try:
             for name, data in metas:
                 fd = os.open(self.tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

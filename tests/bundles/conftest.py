@@ -38,6 +38,19 @@ def snapshot(path: Path) -> dict[str, str]:
     return out
 
 
+def link(
+    old_keys: list[Ed25519PrivateKey], new_keys: list[Ed25519PrivateKey], *, version: int, threshold: int = 2,
+    signers: list[Ed25519PrivateKey] | None = None, expires: dt.datetime | None = None,
+) -> bytes:
+    """A rotation link: root ``version`` listing ``new_keys``, signed by old and new council (or ``signers``)."""
+    root = trust.make_root(
+        release=[k.public_key() for k in new_keys], threshold=threshold, version=version,
+        expires=expires or NOW + dt.timedelta(days=365),
+    )
+    signers = signers if signers is not None else [*old_keys[:2], *new_keys[:threshold]]
+    return trust.sign_root(root, keys=signers).to_json()
+
+
 @dataclass
 class Kit:
     tmp: Path

@@ -5,22 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import NOW, Kit, snapshot
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from conftest import NOW, Kit, link, snapshot
 
 from bundles import errors, keys, trust, verify
-
-
-def link(
-    old_keys: list[Ed25519PrivateKey], new_keys: list[Ed25519PrivateKey], *, version: int, threshold: int = 2,
-    signers: list[Ed25519PrivateKey] | None = None, expires: dt.datetime | None = None,
-) -> bytes:
-    root = trust.make_root(
-        release=[k.public_key() for k in new_keys], threshold=threshold, version=version,
-        expires=expires or NOW + dt.timedelta(days=365),
-    )
-    signers = signers if signers is not None else [*old_keys[:2], *new_keys[:threshold]]
-    return trust.sign_root(root, keys=signers).to_json()
 
 
 def test_valid_chain_two_rotations(kit: Kit) -> None:
@@ -40,10 +27,11 @@ def test_chain_inside_bundle_rotates_then_verifies_with_new_keys(kit: Kit) -> No
     path = kit.bundle(signers=g2[:2], chain=chain)
     staged = verify.verify_and_stage(path, root=kit.root, store_dir=kit.store, now=NOW)
     assert staged.root_rotated and staged.root.version == 2
-    assert staged.root_envelope == chain[0]
+    assert staged.root_chain == tuple(chain)
     assert (staged.path / "root-chain.json").is_file()
-    # The site persists the new root; old keys alone no longer suffice.
-    trust.save_root(kit.tmp / "root.json", staged.root_envelope or b"")
+    # The new root as a root.json (a site stores the chain instead: test_bundle_trust_store.py);
+    # old keys alone no longer suffice.
+    trust.save_root(kit.tmp / "root.json", staged.root_chain[-1])
     assert trust.load_root(kit.tmp / "root.json").version == 2
     old_signed = kit.bundle()
     with pytest.raises(errors.UnknownKey):

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from agent import intake
+from agent.state import StateStore
+from bundles import pack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent_install"))
+from install_kit import Comp, Keys, build_bundle, context, events, make_trust, site_v1  # noqa: E402
+
+__all__ = ["Comp", "Keys", "context", "events", "make_trust"]  # re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
@@ -87,3 +101,71 @@ class NotifySocket:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no sd_notify message with {key}={value} within {timeout}s; got {self.messages}")
             time.sleep(0.02)
+
+
+# --- a running daemon fed through its inbox (real signed bundles from tests/agent_install) -----------
+
+
+def bundle(tmp: Path, *, signer: Any, release: int, chain: list[bytes] | None = None,
+           comps: list[Comp] | None = None) -> Path:
+    """A signed ``site`` bundle (``site_v1`` unless ``comps``), version ``1.0.<release>``, with ``chain`` if given."""
+    out = build_bundle(tmp / f"r{release}.bundle", k=Keys(private=signer, root_path=Path()),
+                       comps=site_v1() if comps is None else comps, version=f"1.0.{release}", release=release)
+    if chain:
+        pack.attach_chain(out, chain)
+    return out
+
+
+@contextmanager
+def daemon(config: Path, prefix: list[str]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([*prefix, *AGENT, "--config", str(config), "run"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=agent_env())
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def drop(inbox: Path, path: Path) -> Path:
+    """Copy a bundle into the inbox as a USB copy would end: complete, then visible, already settled."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{path.name}"
+    tmp.write_bytes(path.read_bytes())
+    past = time.time() - 2 * intake.SETTLE_SECONDS
+    os.utime(tmp, (past, past))
+    os.replace(tmp, inbox / path.name)
+    return inbox / path.name
+
+
+def outcome(inbox: Path, name: str, proc: subprocess.Popen[str], *, timeout: float = 60) -> str:
+    """``done`` or ``rejected`` once the daemon moved ``name`` out of the inbox (a split bundle
+    moves into a ``<name>.d`` directory with its parts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for folder in ("done", "rejected"):
+            moved = (inbox / folder).iterdir() if (inbox / folder).is_dir() else iter(())
+            if any(p.name.endswith((name, name + ".d")) for p in moved):
+                return folder
+        assert proc.poll() is None, f"daemon exited: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"{name} still in the inbox after {timeout}s")
+
+
+def status(config: Path) -> dict[str, Any]:
+    done = subprocess.run([*AGENT, "--config", str(config), "status", "--json"], capture_output=True, text=True,
+                          timeout=60, env=agent_env(), check=True)
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def stored_events(state: Path, type_: str) -> list[dict[str, Any]]:
+    store = StateStore.open(state)
+    try:
+        return events(store, type_)
+    finally:
+        store.close()

@@ -11,25 +11,30 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import AGENT, agent_env, write_config
+from daemon_helpers import (
+    AGENT,
+    Keys,
+    agent_env,
+    bundle,
+    context,
+    daemon,
+    drop,
+    events,
+    make_trust,
+    outcome,
+    status,
+    stored_events,
+    write_config,
+)
 
 from agent import intake, sitestatus
-from agent.state import StateStore
-from bundles import errors, keys, pack, trust
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent_install"))
-from install_kit import Keys, build_bundle, context, events, make_trust, site_v1  # noqa: E402
+from bundles import errors, keys, trust
 
 
 def rotation(old: Keys, new: Any, *, version: int = 2) -> bytes:
@@ -37,14 +42,6 @@ def rotation(old: Keys, new: Any, *, version: int = 2) -> bytes:
     root = trust.make_root(release=[new.public_key()], threshold=1, version=version,
                            expires=datetime.now(UTC) + timedelta(days=365))
     return trust.sign_root(root, keys=[old.private, new]).to_json()
-
-
-def bundle(tmp: Path, *, signer: Any, release: int, chain: list[bytes] | None = None) -> Path:
-    out = build_bundle(tmp / f"r{release}.bundle", k=Keys(private=signer, root_path=Path()), comps=site_v1(),
-                       version=f"1.0.{release}", release=release)
-    if chain:
-        pack.attach_chain(out, chain)
-    return out
 
 
 def read_only_prefix(trust_dir: Path) -> list[str]:
@@ -55,59 +52,6 @@ def read_only_prefix(trust_dir: Path) -> list[str]:
     trust_dir.chmod(0o555)
     (trust_dir / "root.json").chmod(0o444)
     return []
-
-
-@contextmanager
-def daemon(config: Path, prefix: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([*prefix, *AGENT, "--config", str(config), "run"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=agent_env())
-    try:
-        yield proc
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def drop(inbox: Path, path: Path) -> Path:
-    """Copy a bundle into the inbox as a USB copy would end: complete, then visible, already settled."""
-    inbox.mkdir(parents=True, exist_ok=True)
-    tmp = inbox / f".{path.name}"
-    tmp.write_bytes(path.read_bytes())
-    past = time.time() - 2 * intake.SETTLE_SECONDS
-    os.utime(tmp, (past, past))
-    os.replace(tmp, inbox / path.name)
-    return inbox / path.name
-
-
-def outcome(inbox: Path, name: str, proc: subprocess.Popen[str], *, timeout: float = 60) -> str:
-    """``done`` or ``rejected`` once the daemon moved ``name`` out of the inbox."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for folder in ("done", "rejected"):
-            if (inbox / folder).is_dir() and any(p.name.endswith(name) for p in (inbox / folder).iterdir()):
-                return folder
-        assert proc.poll() is None, f"daemon exited: {proc.communicate()[1][-2000:]}"
-        time.sleep(0.1)
-    raise AssertionError(f"{name} still in the inbox after {timeout}s")
-
-
-def status(config: Path) -> dict[str, Any]:
-    done = subprocess.run([*AGENT, "--config", str(config), "status", "--json"], capture_output=True, text=True,
-                          timeout=60, env=agent_env(), check=True)
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
-
-
-def stored_events(state: Path, type_: str) -> list[dict[str, Any]]:
-    store = StateStore.open(state)
-    try:
-        return events(store, type_)
-    finally:
-        store.close()
 
 
 def test_rotation_survives_restart_with_a_read_only_trust_dir_and_tampering_is_refused(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ async def test_topic_validated_even_if_broker_delivers_anything(broker: Broker, 
     cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path)
     async with service.running(cfg, serve_api=False) as hub:
         pipe: ingest.Ingest = hub.ingest
-        closed = ingest.Connection(client=None, open=False)  # type: ignore[arg-type]
+        closed = ingest.Connection(client=None, window=10, open=False)  # type: ignore[arg-type]
         pipe.handle(
             topic="edgefleet/v1/sites/site-a/../site-b/status",
             payload=status("site-a", 1).to_bytes(),

@@ -217,9 +217,9 @@ class _Runner:
 
         async def prepare() -> dict[str, Any]:
             prev_refs = journal.load_inventory(self.store, prev.bundle_id if prev else None)
-            new_data = spec.select(
+            new_data = spec.iter_objects(
                 k for k in refs if k not in prev_refs and model.Ref.parse(k).kind in model.DATA_BEARING)
-            preexisting = [key for key, obj in new_data.items() if await apply.exists(self.api, obj)]
+            preexisting = [key for key, obj in new_data if await apply.exists(self.api, model.stub(obj))]
             journal.save_inventory(self.store, spec.bundle_id, refs)
             await apply.retrying(lambda: inventory.write(self.api, spec, refs, state="pending"),
                                  what="inventory", deadline=time.monotonic())
@@ -239,7 +239,7 @@ class _Runner:
         async def prune() -> dict[str, Any]:
             if prev is None:
                 return {"deleted": 0, "retained": []}
-            gone = prev.select(k for k in prev.refs() if k not in refs).values()
+            gone = prev.stubs(k for k in prev.refs() if k not in refs)
             deleted, retained = 0, []
             for obj in apply.delete_order(gone):
                 if obj["kind"] in model.DATA_BEARING:
@@ -307,7 +307,7 @@ class _Runner:
             if spec is None:
                 return {"deleted": 0}
             prev_keys = set(prev.refs()) if prev else set()
-            doomed = spec.select(k for k in spec.refs() if k not in prev_keys and k not in keep).values()
+            doomed = spec.stubs(k for k in spec.refs() if k not in prev_keys and k not in keep)
             deleted = 0
             by_order: dict[int, list[dict[str, Any]]] = {}
             for obj in doomed:

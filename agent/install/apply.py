@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -81,29 +82,42 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], 
 
 
 async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) -> int:
-    """Apply a component's objects in the order described in the module docstring."""
-    objects = sorted(unit.objects, key=render.order_key)
-    first = [o for o in objects if o.get("kind") in ("Namespace", "CustomResourceDefinition")]
-    late = [o for o in objects if o.get("kind") in _LATE_KINDS]
-    rest = [o for o in objects if o not in first and o not in late]
-    count = 0
+    """Apply a component's objects in the order described in the module docstring.
 
-    async def one(obj: dict[str, Any]) -> None:
+    Objects stay raw JSON until their turn and are dropped once applied (together with the
+    server's answer): at most ``OBJECT_CONCURRENCY`` of them are parsed at once, not the whole
+    component (see :class:`model.Unit` for why that matters to the agent's memory).
+    """
+    docs = sorted(unit.documents(), key=lambda doc: render.key_order(doc[0]))
+    kind_of = {key: model.Ref.parse(key).kind for key, _ in docs}
+    early = ("Namespace", "CustomResourceDefinition")
+    first = [d for d in docs if kind_of[d[0]] in early]
+    late = [d for d in docs if kind_of[d[0]] in _LATE_KINDS]
+    rest = [d for d in docs if kind_of[d[0]] not in early and kind_of[d[0]] not in _LATE_KINDS]
+    del docs
+    count = 0
+    crd_checks: list[dict[str, Any]] = []
+    served: list[str | None] = []
+
+    async def one(doc: tuple[str, bytes]) -> None:
         nonlocal count
+        obj = json.loads(doc[1])
+        if obj.get("kind") == "CustomResourceDefinition":
+            crd_checks.extend(gates.implied_checks([obj]))
+            served.append(_served_version(obj))
         await apply_object(api, obj, deadline=deadline)
         count += 1
         journal.failpoint(f"{step}#{count}")
 
-    for obj in first:  # few, and namespaces must exist before anything lands in them
-        await one(obj)
-    crds = [o for o in first if o.get("kind") == "CustomResourceDefinition"]
-    if crds:
+    for doc in first:  # few, and namespaces must exist before anything lands in them
+        await one(doc)
+    if crd_checks:
         try:
-            await gates.wait(api, gates.implied_checks(crds), timeout=max(1.0, deadline - time.monotonic()))
+            await gates.wait(api, crd_checks, timeout=max(1.0, deadline - time.monotonic()))
         except gates.GateFailed as exc:
             raise ApplyFailed(f"CRDs of {unit.name} not Established: {exc}") from None
-        for obj in crds:
-            kube.forget(api, _served_version(obj))
+        for api_version in served:
+            kube.forget(api, api_version)
     try:
         await gather_bounded(rest, one, limit=OBJECT_CONCURRENCY)
         await gather_bounded(late, one, limit=OBJECT_CONCURRENCY)

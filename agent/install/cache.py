@@ -23,7 +23,8 @@ from pathlib import Path
 
 from agent.install import model
 
-VERSION = 1
+#: 2: one JSON document per line in the blobs (see model.pack); older caches are rendered again.
+VERSION = 2
 SPEC_FILE = "spec.json"
 
 

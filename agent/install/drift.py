@@ -22,6 +22,7 @@ live replica count (render.keep_live_replicas), so supervisor and degradation ne
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections import Counter
 from typing import Any
@@ -220,9 +221,9 @@ class Supervisor:
                 continue
             # One GET per changed object, not a LIST of the component: the first pass after a
             # start reads everything, and a LIST of big CRDs would balloon the heap for good.
-            wanted = set(suspect)
-            for obj in sorted((o for o in unit.objects if model.Ref.of(o).key in wanted), key=render.order_key):
-                key = model.Ref.of(obj).key
+            # Likewise the bundle's side is parsed one object at a time (see model.Unit).
+            for key, raw in sorted(unit.documents(suspect), key=lambda doc: render.key_order(doc[0])):
+                obj = json.loads(raw)
                 have = await self._get(obj) if key in versions else None
                 if have is not None:
                     want = render.keep_live_replicas(obj, have)

@@ -8,7 +8,7 @@ of the engine never touches bundle files.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,14 +62,27 @@ class Ref:
         return f"{self.kind}/{where}{self.name}"
 
 
-def pack(objects: list[dict[str, Any]]) -> bytes:
-    return zstandard.ZstdCompressor(level=3).compress(json.dumps(objects, separators=(",", ":")).encode())
+def pack(objects: Iterable[Mapping[str, Any]]) -> bytes:
+    """Objects as one compact JSON document per line, zstd-compressed.
+
+    One document per line (JSON escapes newlines inside strings) lets a reader parse the objects
+    one at a time (:meth:`Unit.documents`) instead of materialising a whole component.
+    """
+    lines = b"\n".join(json.dumps(obj, separators=(",", ":")).encode() for obj in objects)
+    return zstandard.ZstdCompressor(level=3).compress(lines)
 
 
-def unpack(blob: bytes) -> list[dict[str, Any]]:
-    if not blob:
-        return []
-    return list(json.loads(zstandard.ZstdDecompressor().decompress(blob)))
+def unpack_lines(blob: bytes) -> list[bytes]:
+    """The raw JSON documents of :func:`pack`, unparsed (one bytes object each)."""
+    data = zstandard.ZstdDecompressor().decompress(blob) if blob else b""
+    return data.split(b"\n") if data else []
+
+
+def stub(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What deleting or retaining an object needs (apiVersion, kind, name, namespace), not its body."""
+    meta = obj.get("metadata") or {}
+    small = {k: meta[k] for k in ("name", "namespace") if k in meta}
+    return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": small}
 
 
 @dataclass
@@ -78,7 +91,10 @@ class Unit:
 
     The rendered objects are kept zstd-compressed (``blob``) and parsed only while a step
     needs them: a full platform bundle is ~8 MB of JSON, ~40 MB as Python dicts, which an
-    agent with a 64 MiB budget cannot hold for the current *and* the last good bundle.
+    agent with a 64 MiB budget cannot hold for the current *and* the last good bundle. Even one
+    component parsed at once is too much (the IDP's prometheus is 2.5 MB of JSON, ~8 MiB of
+    dicts, and CPython keeps the heap fragmented after such a burst): the engine takes the raw
+    documents (:meth:`documents`) and parses one object at a time.
     """
 
     name: str
@@ -99,7 +115,14 @@ class Unit:
 
     @property
     def objects(self) -> list[dict[str, Any]]:
-        return unpack(self.blob)
+        """Every object, parsed (tests, tools; the engine uses :meth:`documents`)."""
+        return [json.loads(line) for line in unpack_lines(self.blob)]
+
+    def documents(self, keys: Iterable[str] | None = None) -> list[tuple[str, bytes]]:
+        """(key, raw JSON) of the objects with these keys (all if None), in stored order, unparsed."""
+        wanted = None if keys is None else set(keys)
+        return [(key, line) for key, line in zip(self.keys, unpack_lines(self.blob), strict=True)
+                if wanted is None or key in wanted]
 
     def set_objects(self, objects: list[dict[str, Any]]) -> None:
         self.blob = pack(objects)
@@ -142,14 +165,21 @@ class Spec:
         """Every object, parsed (transient use only: see :class:`Unit`)."""
         return {Ref.of(obj).key: obj for unit in self.units for obj in unit.objects}
 
-    def select(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """The objects with these keys, parsing one unit at a time."""
+    def iter_objects(self, keys: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(key, object) for these keys, parsed one at a time (one unit's raw JSON in memory at most)."""
         wanted = set(keys)
-        out: dict[str, dict[str, Any]] = {}
         for unit in self.units:
             if wanted.intersection(unit.keys):
-                out.update({k: o for o in unit.objects if (k := Ref.of(o).key) in wanted})
-        return out
+                for key, line in unit.documents(wanted):
+                    yield key, json.loads(line)
+
+    def select(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The objects with these keys, parsed (keep the selection small: see :class:`Unit`)."""
+        return dict(self.iter_objects(keys))
+
+    def stubs(self, keys: Iterable[str]) -> list[dict[str, Any]]:
+        """:func:`stub` of the objects with these keys (prune and rollback delete by identity)."""
+        return [stub(obj) for _, obj in self.iter_objects(keys)]
 
     def layers(self) -> list[list[Unit]]:
         """Units grouped by layer, 0 → 4, each layer in a stable (name) order."""

@@ -77,9 +77,17 @@ def is_namespaced(obj: Mapping[str, Any], crds: Mapping[tuple[str, str], bool]) 
     return kind not in CLUSTER_SCOPED_KINDS
 
 
-def order_key(obj: Mapping[str, Any]) -> int:
-    kind = str(obj.get("kind", ""))
+def kind_order(kind: str) -> int:
     return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def order_key(obj: Mapping[str, Any]) -> int:
+    return kind_order(str(obj.get("kind", "")))
+
+
+def key_order(key: str) -> int:
+    """:func:`order_key` of an object known only by its :attr:`model.Ref.key` (the kind is in it)."""
+    return kind_order(model.Ref.parse(key).kind)
 
 
 def render(

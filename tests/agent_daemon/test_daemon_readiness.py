@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import aiohttp
+import brokers
 import pytest
 from daemon_helpers import write_config
 from prometheus_client import REGISTRY
@@ -18,12 +18,6 @@ from agent.state import StateStore
 
 sim_testing = pytest.importorskip("sim.testing")
 sim_server = pytest.importorskip("sim.server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _wait(predicate, *, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -51,7 +45,7 @@ def _event_types(state_dir: Path) -> list[str]:
 
 async def test_readyz_tracks_api_outage_and_recovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon, "TASKS", [("kube-probe", daemon.kube_probe)])
-    port = _free_port()
+    port = brokers.free_port()
     kubeconfig = tmp_path / "kubeconfig"
     config = agent_config.load(
         write_config(

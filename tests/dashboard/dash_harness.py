@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+# Re-exported: the dashboard tests import them from here.
+from brokers import free_port as free_port
+from brokers import mosquitto as mosquitto
 
 from agent import commands as agent_commands
 from agent import link
@@ -38,49 +36,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Broker:
-    port: int
-    proc: subprocess.Popen[bytes]
-
-
-@contextlib.contextmanager
-def mosquitto(workdir: Path) -> Any:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed (make sysdeps)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o777)
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest file {workdir}/mosquitto.log\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mosquitto did not start") from None
-                time.sleep(0.05)
-        yield Broker(port=port, proc=proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def hub_config_for(tmp: Path, broker_port: int, **overrides: Any) -> hub_config.HubConfig:

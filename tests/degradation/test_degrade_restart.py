@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import brokers
 import degrade_helpers as h
 import pytest
 import yaml
@@ -29,12 +29,6 @@ from agent.state import StateStore
 SPEED = 10.0
 ORIGINAL = {s.name: s.replicas for s in h.PLATFORM}
 TIER = {s.name: s.tier for s in h.PLATFORM}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -76,7 +70,8 @@ async def test_sigkill_while_yellow_keeps_originals_and_restores_later(tmp_path:
             "http": {"enabled": False},
             "snapshots": {"enabled": False},
             # Broker down: nothing listens there.
-            "link": {"enabled": True, "port": _free_port(), "backoff_min_seconds": 0.2, "backoff_max_seconds": 1.0},
+            "link": {"enabled": True, "port": brokers.free_port(), "backoff_min_seconds": 0.2,
+                     "backoff_max_seconds": 1.0},
             "degradation": {
                 "lease_timeout_seconds": 20 / SPEED,
                 "degrade_dwell_seconds": 5 / SPEED,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import brokers
 import degrade_helpers as h
 import pytest
 import yaml
@@ -201,11 +202,7 @@ async def test_flapping_node_does_not_oscillate(tmp_path: Path) -> None:
 
 async def test_api_unreachable_is_black_and_recovers(tmp_path: Path) -> None:
     """The API server dies (sim process killed): Black, recorded; a new one on the same address: Green."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = brokers.free_port()
     first = sim.testing.start_process(speed=SPEED, workdir=_mkdir(tmp_path / "sim1"), extra_args=["--port", str(port)])
     ctx = h.context(h.scaled_config("site-b", tmp_path / "state", first.kubeconfig, speed=SPEED))
     task = asyncio.create_task(degrade.run(ctx))

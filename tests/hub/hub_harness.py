@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -17,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import brokers
 import pytest
 import sqlalchemy as sa
+from brokers import free_port  # tests import it from here too
 
 from agent import protocol
 from hub import config as hub_config
@@ -26,15 +26,9 @@ from hub import config as hub_config
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Broker:
-    """A private mosquitto (plain TCP, anonymous) that a test may stop, kill and restart."""
+    """A private mosquitto (plain TCP, anonymous) that a test may stop, kill and restart on its port."""
 
     workdir: Path
     port: int = field(default_factory=free_port)
@@ -43,54 +37,27 @@ class Broker:
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        return brokers.HOST
 
     def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        self.workdir.mkdir(parents=True, exist_ok=True)
         lines = [
-            # Started as root, mosquitto drops to its own user, which cannot enter pytest's 0700 temp
-            # dirs: persistence and the log would silently not be written. Stay root (tests only).
-            *(["user root"] if os.geteuid() == 0 else []),
-            f"listener {self.port} 127.0.0.1",
+            f"listener {self.port} {brokers.HOST}",
             "allow_anonymous true",
             "max_queued_messages 100000",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
-            f"log_dest file {self.workdir}/mosquitto.log",
         ]
-        conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-500:]
-                raise RuntimeError(f"mosquitto exited: {log}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening")
+        self.proc = brokers.start_mosquitto(self.workdir, "\n".join(lines), port=self.port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            brokers.stop(self.proc, sig)
         self.proc = None
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed (make sysdeps)")
     b = Broker(workdir=tmp_path / "broker")
     b.start()
     try:

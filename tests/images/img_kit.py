@@ -7,7 +7,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import brokers
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -119,18 +119,12 @@ class Signer:
 # --- a real registry (Debian's docker-registry, the CNCF distribution registry) -----------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Registry:
     """docker-registry on a free loopback port, storage in ``root``; delete enabled; restartable."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = brokers.free_port()
         self.storage = root / "storage"
         self.config = root / "config.yml"
         self.config.write_text(yaml.safe_dump({

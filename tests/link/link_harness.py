@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -22,7 +20,9 @@ from types import ModuleType
 from typing import Any
 
 import aiomqtt
+import brokers
 import pytest
+from brokers import free_port  # tests import it from here too
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,7 +33,6 @@ from agent.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "mosquitto"
-MOSQUITTO = "/usr/sbin/mosquitto"
 HUB = "hub-1.edgefleet"
 #: A second hub identity: the broker forces client id = CN, so two connections need two CNs.
 HUB2 = "hub-2.edgefleet"
@@ -72,12 +71,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
                clients=clients)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Broker:
     """One Mosquitto process with the shipped config; stop/start keep the port and the persistence."""
@@ -89,7 +82,7 @@ class Broker:
     crl: Path | None = None  # enables the shipped (commented) crlfile line
     proc: subprocess.Popen[bytes] | None = None
 
-    def config(self) -> Path:
+    def config(self) -> str:
         """The shipped config with its paths and ports replaced (the rest verbatim)."""
         etc = "/etc/mosquitto/edgefleet/"
         replacements = {
@@ -102,7 +95,6 @@ class Broker:
             "persistence_location /var/lib/mosquitto/": f"persistence_location {self.workdir}/",
             "listener 8883": f"listener {self.port} 127.0.0.1",
             "listener 8884": f"listener {self.hub_port} 127.0.0.1",
-            "log_dest stdout": f"log_dest file {self.workdir}/mosquitto.log",
         }
         if self.crl is not None:
             replacements[f"#crlfile {etc}crl.pem"] = f"crlfile {self.crl}"
@@ -110,38 +102,15 @@ class Broker:
         for old, new in replacements.items():
             assert old in text, old
             text = text.replace(old, new)
-        if os.geteuid() == 0:
-            text += "\nuser root\n"  # keep access to the 0600 test keys
-        path = self.workdir / "mosquitto.conf"
-        path.write_text(text)
-        return path
+        return text
 
     def start(self) -> None:
         assert self.proc is None
-        conf = self.config()
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                log = (self.workdir / "mosquitto.log").read_text() if (self.workdir / "mosquitto.log").exists() else ""
-                raise RuntimeError(f"mosquitto exited: {err} {log[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.hub_port), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening")
+        self.proc = brokers.start_mosquitto(self.workdir, self.config(), port=self.hub_port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        if self.proc is not None:
+            brokers.stop(self.proc, sig)
         self.proc = None
 
     def log(self) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import ssl
 import time
@@ -56,6 +57,16 @@ CONNECTED = Gauge("edgefleet_link_connected", "1 while connected to the broker")
 CONNECTS = Counter("edgefleet_link_connects_total", "Successful connections to the broker")
 FAILURES = Counter("edgefleet_link_failures_total", "Lost or failed connections to the broker")
 PUBLISHED = Counter("edgefleet_link_published_total", "Messages acknowledged by the broker", ["channel"])
+UNROUTED = Counter(
+    "edgefleet_link_unrouted_total", "Times the broker had no subscriber for an event or reply (kept, retried later)"
+)
+
+#: MQTT 5 PUBACK reason 0x10: accepted, but no subscription matched (the broker dropped it).
+NO_MATCHING_SUBSCRIBERS = 0x10
+#: Hold-off before retrying an event nobody subscribed to, doubling up to the maximum.
+UNROUTED_HOLD_MIN, UNROUTED_HOLD_MAX = 5.0, 300.0
+#: Retained channels: the broker keeps the latest even without a subscriber.
+_RETAINED = frozenset({protocol.Channel.STATUS, protocol.Channel.ONLINE})
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
@@ -265,20 +276,55 @@ async def _first_failure(*coros: Awaitable[None]) -> None:
 
 
 async def _drain(ctx: AgentContext, client: aiomqtt.Client, *, bucket: TokenBucket, wake: asyncio.Event) -> None:
+    """Drain the outbox for the life of the connection, holding back while nobody subscribes.
+
+    A PUBACK with MQTT 5 reason "no matching subscribers" means the broker accepted the message
+    and dropped it: no hub session subscribes (a replica set whose shared subscriptions Mosquitto
+    lost in a restart, a hub session that expired). For status and online, which are retained,
+    the broker still keeps the latest, so that counts as delivered; an event or a reply stays in the
+    outbox and the drain retries from it after a hold-off that doubles up to ``UNROUTED_HOLD_MAX``.
+    (The hub deduplicates the retried rows that did reach it.)
+    """
+    codes = _track_reason_codes(client)
+    hold = UNROUTED_HOLD_MIN
+    while True:
+        try:
+            await _drain_pass(ctx, client, codes=codes, bucket=bucket, wake=wake)
+        except _Unrouted as exc:
+            UNROUTED.inc()
+            log.warning("the broker has no subscriber for this site's messages (is the hub subscribed?); "
+                        "keeping them in the outbox", channel=exc.channel.value, retry_in=hold)
+            await asyncio.sleep(hold)
+            hold = min(hold * 2, UNROUTED_HOLD_MAX)
+
+
+class _Unrouted(Exception):
+    def __init__(self, channel: protocol.Channel) -> None:
+        super().__init__(channel.value)
+        self.channel = channel
+
+
+async def _drain_pass(
+    ctx: AgentContext, client: aiomqtt.Client, *, codes: dict[int, int], bucket: TokenBucket, wake: asyncio.Event
+) -> None:
     """Publish outbox rows in order, ``max_inflight`` at a time, deleting each on its PUBACK."""
     cfg = ctx.config.link
-    inflight: deque[tuple[outbox.Pending, asyncio.Task[None]]] = deque()
+    inflight: deque[tuple[outbox.Pending, asyncio.Task[int]]] = deque()
 
     async def settle_oldest() -> None:
         row, task = inflight.popleft()
-        await task  # raises MqttError on timeout/disconnect: the row stays for the next connection
+        code = await task  # raises MqttError on timeout/disconnect: the row stays for the next connection
+        if code >= 0x80:  # refused (not authorized, quota exceeded, ...): keep the row, drop the connection
+            raise aiomqtt.MqttError(f"the broker refused a {row.channel.value} message: PUBACK reason "
+                                    f"{code:#04x} {_reason_name(code)}")
+        if code == NO_MATCHING_SUBSCRIBERS and row.channel not in _RETAINED:
+            raise _Unrouted(row.channel)
         outbox.ack(ctx.store, row.id)
         PUBLISHED.labels(channel=row.channel.value).inc()
 
     def start(row: outbox.Pending) -> None:
         topic = protocol.topic(ctx.site, row.channel)
-        retain = row.channel is protocol.Channel.STATUS
-        task = asyncio.ensure_future(client.publish(topic, row.payload, qos=1, retain=retain))
+        task = asyncio.ensure_future(_publish(client, codes, topic, row.payload, retain=row.channel in _RETAINED))
         inflight.append((row, task))
 
     try:
@@ -307,6 +353,56 @@ async def _drain(ctx: AgentContext, client: aiomqtt.Client, *, bucket: TokenBuck
         for _, task in inflight:
             task.cancel()
         await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
+
+
+#: The message ids of the paho publishes made by the current task (see :func:`_publish`).
+_MIDS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("edgefleet_link_mids")
+
+
+def _track_reason_codes(client: aiomqtt.Client) -> dict[int, int]:
+    """Record PUBACK reason codes by message id, which aiomqtt receives from paho and drops.
+
+    Wraps the paho client's ``on_publish`` (aiomqtt's, which still runs) and ``publish`` (to learn
+    the message id of each publish, per task, through :data:`_MIDS`). MQTT 3.1.1 has no reason
+    codes: paho reports success, 0.
+    """
+    codes: dict[int, int] = {}
+    paho = client._client
+    on_publish: Any = paho.on_publish  # aiomqtt's (a VERSION2 callback: it takes the reason code)
+    publish = paho.publish
+
+    def recording_on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        codes[mid] = reason_code.value if isinstance(reason_code, ReasonCode) else int(reason_code)
+        on_publish(c, userdata, mid, reason_code, properties)
+
+    def recording_publish(*args: Any, **kwargs: Any) -> Any:
+        info = publish(*args, **kwargs)
+        sink = _MIDS.get(None)
+        if sink is not None:
+            sink.append(info.mid)
+        return info
+
+    paho.on_publish = recording_on_publish
+    paho.publish = recording_publish  # type: ignore[method-assign]
+    return codes
+
+
+async def _publish(client: aiomqtt.Client, codes: dict[int, int], topic: str, payload: bytes, *, retain: bool) -> int:
+    """``client.publish`` at QoS 1, returning the PUBACK's reason code."""
+    mids: list[int] = []
+    token = _MIDS.set(mids)
+    try:
+        await client.publish(topic, payload, qos=1, retain=retain)
+    finally:
+        _MIDS.reset(token)
+    return codes.pop(mids[0], 0) if mids else 0
+
+
+def _reason_name(code: int) -> str:
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=code))
+    except Exception:  # an unknown code: the number says it
+        return "unknown"
 
 
 async def _receive(ctx: AgentContext, client: aiomqtt.Client, *, running: set[asyncio.Task[Any]]) -> None:

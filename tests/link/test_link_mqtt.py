@@ -175,3 +175,28 @@ def test_backoff_has_full_jitter_and_a_cap() -> None:
     assert max(delays) > 20.0  # grows to the cap
     first = [link.backoff_delay(0, base=1.0, cap=30.0) for _ in range(200)]
     assert max(first) <= 1.0 and len(set(first)) > 150  # jittered, not lockstep
+
+
+async def test_events_nobody_subscribed_to_stay_in_the_outbox(
+    broker: Broker, make_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MQTT 5 PUBACK "no matching subscribers": the broker dropped the message, so the event stays.
+
+    (As after a Mosquitto restart, which forgets shared subscriptions until the hub replicas
+    resubscribe.) The retained status counts as delivered; events wait and are retried from the
+    oldest once a subscriber is back, all of them, in order.
+    """
+    monkeypatch.setattr(link, "UNROUTED_HOLD_MIN", 0.3)
+    agent = make_agent(broker, protocol="5")
+    before = link.UNROUTED._value.get()
+    async with running(link.run(agent.ctx)):
+        emitted = _emitted(agent, 5)
+        deadline = time.monotonic() + 10
+        while link.UNROUTED._value.get() == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert link.UNROUTED._value.get() > before
+        assert outbox.stats(agent.ctx.store).messages >= 5  # the events (and maybe a fresh status) are kept
+        collector = Collector()
+        async with running(collect(broker, collector)):
+            await collector.wait_for(lambda c: len(_dedupe(c.events())) >= 5, timeout=20)
+    assert [e.msg_id for e in _dedupe(collector.events())] == [e.msg_id for e in emitted]

@@ -47,30 +47,48 @@ from urllib.parse import quote
 _PUBLIC_DUNDERS = {"__all__", "__version__", "__project__"}
 
 
-def _lazy_package(name: str, **preset: Any) -> None:
-    """Register package ``name`` without running its ``__init__`` until a missing name is asked for."""
+def _lazy_module(name: str, *, forward: tuple[str, ...] = (), **preset: Any) -> None:
+    """Register module or package ``name`` without running its code until a name it lacks is asked for.
+
+    ``forward``: names that importers take with ``from name import x`` at *their* import time
+    (which would load the module at once). They get a stand-in that loads the module on its
+    first call and calls the real one, so the importer works unchanged, only later.
+    """
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+    if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)
     loader = spec.loader
-    locations = list(spec.submodule_search_locations)
+    locations = list(spec.submodule_search_locations or ())
     loaded = False
 
-    def __getattr__(attr: str) -> Any:  # PEP 562: called only for names the module lacks
+    def load() -> None:
         nonlocal loaded
+        if not loaded:
+            loaded = True
+            loader.exec_module(module)  # the real code, into this very module object
+
+    def __getattr__(attr: str) -> Any:  # PEP 562: called only for names the module lacks
         if loaded or (attr.startswith("__") and attr not in _PUBLIC_DUNDERS):  # probes like __wrapped__
             raise AttributeError(f"module {name!r} has no attribute {attr!r}")
         if any(Path(loc, attr).is_dir() or Path(loc, f"{attr}.py").is_file() for loc in locations):
             return importlib.import_module(f"{name}.{attr}")  # a submodule: import just that
-        loaded = True
-        loader.exec_module(module)  # the real __init__, into this very module object
+        load()
         return getattr(module, attr)
+
+    def stand_in(attr: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            load()
+            return getattr(module, attr)(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = attr
+        return call
 
     module.__getattr__ = __getattr__  # type: ignore[method-assign]
     vars(module).update(preset)
+    vars(module).update({attr: stand_in(attr) for attr in forward})
     sys.modules[name] = module
     parent, _, child = name.rpartition(".")
     if parent:
@@ -79,14 +97,21 @@ def _lazy_package(name: str, **preset: Any) -> None:
 
 # The top-level __init__ only imports its subpackages and names its version: do that lazily without
 # ever running it (running it from inside a subpackage import would be a circular import).
-_lazy_package(
+_lazy_module(
     "kubernetes_asyncio",
     __project__="kubernetes_asyncio",
     __version__=importlib.metadata.version("kubernetes_asyncio"),
     __all__=["client", "config", "dynamic", "stream", "utils", "watch"],
 )
-_lazy_package("kubernetes_asyncio.client")
-_lazy_package("kubernetes_asyncio.client.models")
+_lazy_module("kubernetes_asyncio.client")
+_lazy_module("kubernetes_asyncio.client.models")
+# What the client modules we do load import for code paths the agent never takes (~2 MiB):
+# urllib3 (configuration: basic-auth headers), dateutil's parser (api_client: typed date
+# deserialisation) and multiprocessing's ThreadPool (api_client: ``async_req``). Same trick, so
+# they load, unchanged, the first time something does use them.
+_lazy_module("urllib3")
+_lazy_module("dateutil.parser", forward=("parse",))
+_lazy_module("multiprocessing.pool", forward=("ThreadPool",))
 
 import aiohttp  # noqa: E402
 import yaml  # noqa: E402

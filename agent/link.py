@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import random
 import ssl
 import time
@@ -42,7 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge
 
-from agent import commands, outbox, protocol, sitestatus
+from agent import commands, outbox, protocol, puback, sitestatus
 from agent.config import LinkConfig
 from agent.context import AgentContext
 
@@ -61,8 +60,6 @@ UNROUTED = Counter(
     "edgefleet_link_unrouted_total", "Times the broker had no subscriber for an event or reply (kept, retried later)"
 )
 
-#: MQTT 5 PUBACK reason 0x10: accepted, but no subscription matched (the broker dropped it).
-NO_MATCHING_SUBSCRIBERS = 0x10
 #: Hold-off before retrying an event nobody subscribed to, doubling up to the maximum.
 UNROUTED_HOLD_MIN, UNROUTED_HOLD_MAX = 5.0, 300.0
 #: Retained channels: the broker keeps the latest even without a subscriber.
@@ -285,7 +282,7 @@ async def _drain(ctx: AgentContext, client: aiomqtt.Client, *, bucket: TokenBuck
     outbox and the drain retries from it after a hold-off that doubles up to ``UNROUTED_HOLD_MAX``.
     (The hub deduplicates the retried rows that did reach it.)
     """
-    codes = _track_reason_codes(client)
+    codes = puback.track(client)
     hold = UNROUTED_HOLD_MIN
     while True:
         try:
@@ -305,7 +302,7 @@ class _Unrouted(Exception):
 
 
 async def _drain_pass(
-    ctx: AgentContext, client: aiomqtt.Client, *, codes: dict[int, int], bucket: TokenBucket, wake: asyncio.Event
+    ctx: AgentContext, client: aiomqtt.Client, *, codes: puback.Codes, bucket: TokenBucket, wake: asyncio.Event
 ) -> None:
     """Publish outbox rows in order, ``max_inflight`` at a time, deleting each on its PUBACK."""
     cfg = ctx.config.link
@@ -316,15 +313,15 @@ async def _drain_pass(
         code = await task  # raises MqttError on timeout/disconnect: the row stays for the next connection
         if code >= 0x80:  # refused (not authorized, quota exceeded, ...): keep the row, drop the connection
             raise aiomqtt.MqttError(f"the broker refused a {row.channel.value} message: PUBACK reason "
-                                    f"{code:#04x} {_reason_name(code)}")
-        if code == NO_MATCHING_SUBSCRIBERS and row.channel not in _RETAINED:
+                                    f"{code:#04x} {puback.reason_name(code)}")
+        if code == puback.NO_MATCHING_SUBSCRIBERS and row.channel not in _RETAINED:
             raise _Unrouted(row.channel)
         outbox.ack(ctx.store, row.id)
         PUBLISHED.labels(channel=row.channel.value).inc()
 
     def start(row: outbox.Pending) -> None:
         topic = protocol.topic(ctx.site, row.channel)
-        task = asyncio.ensure_future(_publish(client, codes, topic, row.payload, retain=row.channel in _RETAINED))
+        task = asyncio.ensure_future(puback.publish(client, codes, topic, row.payload, retain=row.channel in _RETAINED))
         inflight.append((row, task))
 
     try:
@@ -353,56 +350,6 @@ async def _drain_pass(
         for _, task in inflight:
             task.cancel()
         await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
-
-
-#: The message ids of the paho publishes made by the current task (see :func:`_publish`).
-_MIDS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("edgefleet_link_mids")
-
-
-def _track_reason_codes(client: aiomqtt.Client) -> dict[int, int]:
-    """Record PUBACK reason codes by message id, which aiomqtt receives from paho and drops.
-
-    Wraps the paho client's ``on_publish`` (aiomqtt's, which still runs) and ``publish`` (to learn
-    the message id of each publish, per task, through :data:`_MIDS`). MQTT 3.1.1 has no reason
-    codes: paho reports success, 0.
-    """
-    codes: dict[int, int] = {}
-    paho = client._client
-    on_publish: Any = paho.on_publish  # aiomqtt's (a VERSION2 callback: it takes the reason code)
-    publish = paho.publish
-
-    def recording_on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        codes[mid] = reason_code.value if isinstance(reason_code, ReasonCode) else int(reason_code)
-        on_publish(c, userdata, mid, reason_code, properties)
-
-    def recording_publish(*args: Any, **kwargs: Any) -> Any:
-        info = publish(*args, **kwargs)
-        sink = _MIDS.get(None)
-        if sink is not None:
-            sink.append(info.mid)
-        return info
-
-    paho.on_publish = recording_on_publish
-    paho.publish = recording_publish  # type: ignore[method-assign]
-    return codes
-
-
-async def _publish(client: aiomqtt.Client, codes: dict[int, int], topic: str, payload: bytes, *, retain: bool) -> int:
-    """``client.publish`` at QoS 1, returning the PUBACK's reason code."""
-    mids: list[int] = []
-    token = _MIDS.set(mids)
-    try:
-        await client.publish(topic, payload, qos=1, retain=retain)
-    finally:
-        _MIDS.reset(token)
-    return codes.pop(mids[0], 0) if mids else 0
-
-
-def _reason_name(code: int) -> str:
-    try:
-        return str(ReasonCode(PacketTypes.PUBACK, identifier=code))
-    except Exception:  # an unknown code: the number says it
-        return "unknown"
 
 
 async def _receive(ctx: AgentContext, client: aiomqtt.Client, *, running: set[asyncio.Task[Any]]) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -136,24 +136,31 @@ async def issue(
     return row
 
 
-async def publish(ctx: HubContext, *, cmd_id: str, site: str, envelope: bytes, name: str) -> bool:
-    """Publish one recorded command (QoS 1, not retained); True once the broker acknowledged it."""
+async def publish(
+    ctx: HubContext, *, cmd_id: str, site: str, envelope: bytes, name: str
+) -> Literal["published", "deferred", "unrouted", "busy"]:
+    """Publish one recorded command (QoS 1, not retained).
+
+    Anything but ``published`` leaves it pending, retried by :func:`publish_pending` until it
+    expires: ``deferred`` (no broker link, or the publish failed), ``unrouted`` (the broker had no
+    session subscribed to the site's commands and dropped it), ``busy`` (being published already)."""
     if cmd_id in ctx.publishing:
-        return False
+        return "busy"
     ctx.publishing.add(cmd_id)
     try:
-        await ctx.link.publish(protocol.topic(site, protocol.Channel.COMMANDS), envelope, qos=1)
-    except mqtt.NotConnected as exc:
-        ctx.metrics.commands.labels(name=name, outcome="deferred").inc()
+        await ctx.link.publish(protocol.topic(site, protocol.Channel.COMMANDS), envelope)
+    except (mqtt.NotConnected, mqtt.NotRouted) as exc:
+        outcome: Literal["deferred", "unrouted"] = "unrouted" if isinstance(exc, mqtt.NotRouted) else "deferred"
+        ctx.metrics.commands.labels(name=name, outcome=outcome).inc()
         log.warning("command not published yet; will retry", cmd_id=cmd_id, site=site, error=str(exc)[:200])
-        return False
+        return outcome
     finally:
         ctx.publishing.discard(cmd_id)
     await asyncio.to_thread(ctx.store.set_command_state, cmd_id, state="published", published_at=utcnow())
     ctx.metrics.commands.labels(name=name, outcome="published").inc()
     log.info("command published", cmd_id=cmd_id, site=site, command=name)
     ctx.notifier.publish(Change(kind="command", site=site, ref=cmd_id, detail={"state": "published"}))
-    return True
+    return "published"
 
 
 async def publish_pending(ctx: HubContext) -> int:
@@ -165,11 +172,17 @@ async def publish_pending(ctx: HubContext) -> int:
     # with their stored reply and never run it twice.
     rows = await asyncio.to_thread(ctx.store.pending_commands, min_age=timedelta(seconds=PENDING_RETRY_AGE))
     sent = 0
+    held: set[str] = set()  # sites whose earlier command is still pending: keep their order
     for row in rows:
-        ok = await publish(
+        if row["site"] in held:
+            continue
+        outcome = await publish(
             ctx, cmd_id=row["cmd_id"], site=row["site"], envelope=row["envelope"].encode("ascii"), name=row["name"]
         )
-        if not ok:
+        if outcome == "deferred":  # the link is down or failing: try again on the next round
             break
+        if outcome != "published":
+            held.add(row["site"])
+            continue
         sent += 1
     return sent

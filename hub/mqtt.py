@@ -15,6 +15,7 @@ from paho.mqtt import client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import puback
 from hub.config import MqttConfig
 
 
@@ -22,16 +23,25 @@ class NotConnected(RuntimeError):
     """No broker connection right now; the caller keeps the message and retries later."""
 
 
+class NotRouted(RuntimeError):
+    """The broker accepted the message but refused it or had no subscriber for it (MQTT 5 PUBACK reason).
+
+    For a command: no session subscribes to the site's command topic (the site never connected, or
+    its session expired), so the broker dropped it; the caller keeps it pending and retries."""
+
+
 class Link:
     """The current broker connection (or none). ``generation`` changes on every reconnect."""
 
     def __init__(self) -> None:
         self.client: aiomqtt.Client | None = None
+        self.codes: puback.Codes = {}
         self.generation = 0
         self.connected = asyncio.Event()
 
     def attach(self, client: aiomqtt.Client) -> int:
         self.client = client
+        self.codes = puback.track(client)
         self.generation += 1
         self.connected.set()
         return self.generation
@@ -40,15 +50,22 @@ class Link:
         self.client = None
         self.connected.clear()
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0) -> None:
-        """Publish and (QoS 1) wait for the broker's PUBACK; :class:`NotConnected` when there is no link."""
+    async def publish(self, topic: str, payload: bytes, *, timeout: float = 10.0) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK.
+
+        Raises :class:`NotConnected` when there is no link or the publish failed, :class:`NotRouted`
+        when the PUBACK says the message went nowhere or was refused."""
         client = self.client
         if client is None:
             raise NotConnected("not connected to the broker")
         try:
-            await client.publish(topic, payload, qos=qos, retain=False, timeout=timeout)
+            code = await puback.publish(client, self.codes, topic, payload, retain=False, timeout=timeout)
         except aiomqtt.MqttError as exc:
             raise NotConnected(f"publish failed: {exc}") from exc
+        if code == puback.NO_MATCHING_SUBSCRIBERS:
+            raise NotRouted("no subscriber: the site has no broker session (never connected, or it expired)")
+        if code >= 0x80:
+            raise NotRouted(f"refused by the broker: PUBACK reason {code:#04x} {puback.reason_name(code)}")
 
 
 def client_id(config: MqttConfig) -> str:

@@ -7,8 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import httpx
 from hub_harness import Broker, event, hub_cfg, publish, publisher, status, wait_until
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import protocol
 from bundles import dsse, keys, pack, trust
@@ -155,8 +158,18 @@ async def test_read_tokens_and_no_write_tokens(broker: Broker, tmp_path: Path) -
         assert r.status_code == 403
 
 
+async def _site_session(broker: Broker, site: str) -> None:
+    """What an agent leaves at the broker: a persistent MQTT 5 session subscribed to its commands."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"agent-{site}", protocol=aiomqtt.ProtocolVersion.V5,
+                              clean_start=False, properties=props) as client:
+        await client.subscribe(protocol.topic(site, protocol.Channel.COMMANDS), qos=1)
+
+
 async def test_command_without_broker_stays_pending_then_publishes(broker: Broker, tmp_path: Path) -> None:
     key_path, _pub, _kid = commands.keygen(tmp_path / "keys")
+    await _site_session(broker, "site-a")
     cfg = hub_cfg(
         broker=broker,
         db_url=f"sqlite:///{tmp_path / 'h.db'}",
@@ -258,3 +271,26 @@ async def test_commands_without_key_are_refused(broker: Broker, tmp_path: Path) 
     async with service.running(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         r = await http.post("/api/v1/sites/site-a/commands", json={"name": "report-now"}, headers=W)
         assert r.status_code == 503 and "keygen" in r.json()["detail"]
+
+
+async def test_command_for_a_site_without_a_session_stays_pending(broker: Broker, tmp_path: Path) -> None:
+    """MQTT 5 PUBACK "no matching subscribers": the broker dropped the command, so it is not "published".
+
+    It stays pending (counted as unrouted) and goes out once the site has a session."""
+    key_path, _pub, _kid = commands.keygen(tmp_path / "keys")
+    cfg = hub_cfg(broker=broker, db_url=f"sqlite:///{tmp_path / 'h.db'}", tmp=tmp_path,
+                  commands={"key_file": str(key_path)})
+    async with service.running(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+        await wait_until(hub.ingest.subscribed.is_set, what="subscription")
+        r = await http.post("/api/v1/sites/site-new/commands", json={"name": "report-now"}, headers=W)
+        assert r.status_code == 202 and r.json()["state"] == "pending"
+        cmd_id = r.json()["cmd_id"]
+        reg = hub.ctx.metrics.registry
+        unrouted = reg.get_sample_value("edgefleet_hub_commands_total", {"name": "report-now", "outcome": "unrouted"})
+        assert unrouted is not None and unrouted >= 1
+        await _site_session(broker, "site-new")
+        await wait_until(
+            lambda: hub.ctx.store.get_command(cmd_id)["state"] == "published",  # type: ignore[index]
+            timeout=20,
+            what="published once the site has a session",
+        )

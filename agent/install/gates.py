@@ -139,9 +139,11 @@ def evaluate(check: Mapping[str, Any], obj: Mapping[str, Any] | None) -> tuple[b
 
 
 async def probe(api: Any, check: Mapping[str, Any]) -> tuple[bool, str]:
+    # A CRD's Established condition needs its status only; its spec (the schema) can be ~700 KB.
+    fields = ("status",) if check["type"] == "crd-established" else None
     try:
         obj = await kube.get(api, str(check["apiVersion"]), str(check["kind"]), str(check["name"]),
-                             namespace=check.get("namespace"))
+                             namespace=check.get("namespace"), fields=fields)
     except kube.UnknownKind:
         obj = None
     return evaluate(check, obj)

@@ -1,0 +1,96 @@
+"""What agent.kube does to keep the agent small (docs/operations.md, "Memory").
+
+* It defers the libraries kubernetes-asyncio imports for code paths the agent never takes:
+  urllib3, dateutil's parser and multiprocessing's ThreadPool (~2 MiB at start) must stay
+  unloaded after ``import agent.daemon`` and still work, unchanged, for code that does use them
+  (including kubernetes-asyncio's own ``from x import y`` names). Fresh interpreters, since the
+  test process itself may have imported them already.
+* :func:`agent.kube.top_level` decodes a few top-level fields of a big object (a CRD's status)
+  without building the rest: it must agree with ``json.loads`` on any JSON object, and refuse
+  what is not one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import kube
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(code: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         timeout=120)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_daemon_import_leaves_them_unloaded() -> None:
+    result = _run(
+        "import json, sys\n"
+        "import agent.daemon\n"
+        "loaded = [m for m in ('urllib3.poolmanager', 'dateutil.parser._parser', 'dateutil.tz') if m in sys.modules]\n"
+        "print(json.dumps({'loaded': loaded, 'pool': 'Pool' in vars(sys.modules['multiprocessing.pool'])}))"
+    )
+    assert result == {"loaded": [], "pool": False}
+
+
+def test_deferred_modules_work_when_used() -> None:
+    result = _run(
+        "import asyncio, json\n"
+        "import agent.daemon\n"
+        "from kubernetes_asyncio.client import api_client, configuration\n"
+        "parsed = api_client.parse('2024-01-02T03:04:05Z').isoformat()\n"
+        "c = configuration.Configuration(); c.username, c.password = 'u', 'p'\n"
+        "auth = c.get_basic_auth_token()\n"
+        "async def pooled():\n"
+        "    client = api_client.ApiClient()\n"
+        "    try:\n"
+        "        return client.pool.apply(lambda: 42)\n"
+        "    finally:\n"
+        "        client.pool.close(); await client.close()\n"
+        "answer = asyncio.run(pooled())\n"
+        "import urllib3, dateutil.parser\n"
+        "from multiprocessing.pool import ThreadPool, Pool\n"
+        "print(json.dumps({'parsed': parsed, 'auth': auth, 'answer': answer,\n"
+        "                  'urllib3': isinstance(urllib3.PoolManager, type),\n"
+        "                  'iso': dateutil.parser.isoparse('2024-01-02').year, 'pool': Pool.__name__}))"
+    )
+    assert result == {
+        "parsed": "2024-01-02T03:04:05+00:00", "auth": "Basic dTpw", "answer": 42, "urllib3": True, "iso": 2024,
+        "pool": "Pool",
+    }
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+_tricky_keys = st.sampled_from(["status", "spec", 'st"a', "{", "]", "\\", "x y", ""])
+
+
+@given(doc=st.dictionaries(_tricky_keys | st.text(max_size=8), _json, max_size=6), indent=st.sampled_from([None, 2]))
+def test_top_level_agrees_with_json_loads(doc: dict[str, Any], indent: int | None) -> None:
+    text = json.dumps(doc, indent=indent)
+    for fields in (("status",), ("spec", 'st"a'), tuple(doc)):
+        assert kube.top_level(text, fields) == {k: v for k, v in json.loads(text).items() if k in fields}
+
+
+def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
+    text = '{"spec": {"a": ["}]", "\\"{["], "b": {"c": "]}"}}, "status": {"conditions": [{"type": "Established"}]}}'
+    assert kube.top_level(text, ("status",)) == {"status": {"conditions": [{"type": "Established"}]}}
+
+
+@pytest.mark.parametrize("text", ["[1]", '{"a": 1', '{"a" 1}', '{"a": [1, 2}', '{"a": {"b": [}', "", '{"a": 1,}'])
+def test_top_level_refuses_what_is_not_a_json_object(text: str) -> None:
+    with pytest.raises(ValueError):
+        kube.top_level(text, ("status",))

@@ -200,3 +200,26 @@ async def test_events_nobody_subscribed_to_stay_in_the_outbox(
         async with running(collect(broker, collector)):
             await collector.wait_for(lambda c: len(_dedupe(c.events())) >= 5, timeout=20)
     assert [e.msg_id for e in _dedupe(collector.events())] == [e.msg_id for e in emitted]
+
+
+async def test_shutdown_does_not_wait_on_a_hung_broker(broker: Broker, make_agent: Any) -> None:
+    """SIGTERM while the broker is frozen: the link gives up saying goodbye after a bounded wait.
+
+    The offline publish is bounded (2 s); paho reports the DISCONNECT done once it is written, so
+    leaving the client does not wait for the broker. The will announces the site offline anyway."""
+    agent = make_agent(broker, publish_timeout_seconds=10)
+    collector = Collector()
+    async with running(collect(broker, collector)):
+        task = asyncio.create_task(link.run(agent.ctx))
+        await collector.wait_for(lambda c: c.of_type(protocol.Online))
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            task.cancel()
+            await asyncio.wait({task}, timeout=30)
+            took = time.monotonic() - started
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+    assert task.cancelled()
+    assert took < 7.0, f"shutdown took {took:.1f} s"

@@ -169,7 +169,7 @@ def _publisher(index: int, sites: list[str], rate: float, total: int, seq_base: 
     elapsed = time.monotonic() - start
     sock.sendall(b"\xe0\x00")  # DISCONNECT
     sock.close()
-    out.put((index, total, acked[0], elapsed))
+    out.put((index, total, acked[0], elapsed, time.process_time()))
 
 
 def publish_stream(*, prefix: str, sites: int, rate: float, duration: float, publishers: int) -> dict[str, Any]:
@@ -193,7 +193,8 @@ def publish_stream(*, prefix: str, sites: int, rate: float, duration: float, pub
     published = sum(r[1] for r in results)
     acked = sum(r[2] for r in results)
     span = max(r[3] for r in results)
-    return {"t0": t0, "published": published, "acked": acked, "publish_rate": published / span}
+    cpu = sum(r[4] for r in results)
+    return {"t0": t0, "published": published, "acked": acked, "publish_rate": published / span, "publisher_cpu": cpu}
 
 
 # ---- consumers ---------------------------------------------------------------------------------------
@@ -317,6 +318,9 @@ def phase_hub(args: argparse.Namespace, *, replicas: int, db: str, backlog: bool
             "drain": (len(rows) / (last - first) if last > first else None) if backlog else None,
             # CPU per stored message, by role (the hub's own figure gives its capacity per core).
             "cpu_us": {k: (cpu1[k] - cpu0[k]) * 1e6 / max(len(rows), 1) for k in cpu0},
+            # Cores busy on average over the phase, all roles (publishers included unless backlog).
+            "cores": (sum(cpu1[k] - cpu0[k] for k in cpu0) + (0.0 if backlog else pub["publisher_cpu"]))
+            / max(last - pub["t0"], 1e-9),
         }
         if args.keep_logs:
             result["logs"] = str(work)
@@ -439,7 +443,8 @@ def main() -> int:
         if res.get("cpu_us"):
             cpu = res["cpu_us"]
             print(f"  {'':12s} CPU per stored message: hub {cpu['hub']:.0f} µs (capacity {1e6 / cpu['hub']:.0f} msg/s "
-                  f"per core), broker {cpu['broker']:.0f} µs, PostgreSQL {cpu['postgres']:.0f} µs", flush=True)
+                  f"per core), broker {cpu['broker']:.0f} µs, PostgreSQL {cpu['postgres']:.0f} µs; "
+                  f"{res['cores']:.2f} of {os.cpu_count()} cores busy", flush=True)
     raw = results.get("raw", {}).get("rate")
     print("summary:")
     for name, res in results.items():

@@ -21,7 +21,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from agent import kube
 from agent.install import model
 
 IMPLIED = {
@@ -139,6 +138,10 @@ def evaluate(check: Mapping[str, Any], obj: Mapping[str, Any] | None) -> tuple[b
 
 
 async def probe(api: Any, check: Mapping[str, Any]) -> tuple[bool, str]:
+    # agent.kube (kubernetes-asyncio, aiohttp: ~20 MiB) is imported where the API is used, so
+    # the one-shot renderer (agent.install.cache), which needs only the check builders, stays small.
+    from agent import kube
+
     # A CRD's Established condition needs its status only; its spec (the schema) can be ~700 KB.
     fields = ("status",) if check["type"] == "crd-established" else None
     try:
@@ -155,6 +158,8 @@ async def wait(api: Any, checks: list[dict[str, Any]], *, timeout: float) -> Non
     An unreachable API server does not fail the gate by itself; only the timeout does, so a
     short API blip during a long install is not a rollback.
     """
+    from agent import kube
+
     pending = list(checks)
     deadline = time.monotonic() + timeout
     last = ""

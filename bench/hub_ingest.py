@@ -383,7 +383,7 @@ def _wait_ready(ports: list[int]) -> None:
             time.sleep(0.2)
 
 
-def phase_backlog(args: argparse.Namespace, *, db: str) -> dict[str, Any]:
+def phase_backlog(args: argparse.Namespace, *, db: str, replicas: int = 1) -> dict[str, Any]:
     """The hub's own consumption capacity, without publishers competing for the CPUs: a backlog is
     queued in the hub's persistent session on a private mosquitto while the hub is stopped, then the
     hub starts and drains it. (Not a raw-vs-hub comparison; a capacity figure.)"""
@@ -398,7 +398,7 @@ def phase_backlog(args: argparse.Namespace, *, db: str) -> dict[str, Any]:
     HOST, PORT = "127.0.0.1", port
     try:
         time.sleep(0.5)
-        first = phase_hub(args, replicas=1, db=db, backlog=True)
+        first = phase_hub(args, replicas=replicas, db=db, backlog=True)
         return first
     finally:
         HOST, PORT = saved
@@ -414,6 +414,8 @@ PHASES = {
     "hub1-sqlite": lambda a: phase_hub(a, replicas=1, db="sqlite"),
     "backlog-pg": lambda a: phase_backlog(a, db="pg"),
     "backlog-sqlite": lambda a: phase_backlog(a, db="sqlite"),
+    # Replica scaling without publishers competing for the CPUs (the backlog split between two sessions).
+    "backlog2-pg": lambda a: phase_backlog(a, db="pg", replicas=2),
 }
 
 
@@ -457,6 +459,9 @@ def main() -> int:
               f"lost {res['published'] - res['stored']}")
     if "hub1-pg" in results and "hub2-pg" in results and results["hub1-pg"]["rate"]:
         print(f"  2 replicas vs 1 on PostgreSQL: {results['hub2-pg']['rate'] / results['hub1-pg']['rate']:.2f}x")
+    one, two = results.get("backlog-pg", {}).get("drain"), results.get("backlog2-pg", {}).get("drain")
+    if one and two:
+        print(f"  2 replicas vs 1 on PostgreSQL, backlog drain: {two / one:.2f}x ({two:.0f} vs {one:.0f} msg/s)")
     return 0
 
 

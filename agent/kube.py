@@ -456,9 +456,16 @@ def _namespace_of(resource: Resource, namespace: str | None) -> str | None:
 
 
 async def apply(
-    api: Any, obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, force: bool = True, dry_run: bool = False
+    api: Any,
+    obj: dict[str, Any],
+    *,
+    field_manager: str = FIELD_MANAGER,
+    force: bool = True,
+    dry_run: bool = False,
+    fields: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Server-side apply ``obj`` (a full manifest dict); returns the live object the server answered with."""
+    """Server-side apply ``obj`` (a full manifest dict); returns the live object the server answered
+    with (only its top-level ``fields``, if given: the answer repeats the whole object)."""
     meta = obj.get("metadata") or {}
     if not obj.get("apiVersion") or not obj.get("kind") or not meta.get("name"):
         raise ValueError("object needs apiVersion, kind and metadata.name to be applied")
@@ -467,7 +474,8 @@ async def apply(
     query: dict[str, Any] = {"fieldManager": field_manager, "force": "true" if force else None}
     if dry_run:
         query["dryRun"] = "All"
-    result = await request(api, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
+    result = await request(api, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml",
+                           fields=fields)
     return result if isinstance(result, dict) else {}
 
 
@@ -527,8 +535,10 @@ async def patch(
     patch_type: str = "merge",
     field_manager: str = FIELD_MANAGER,
     subresource: str | None = None,
+    fields: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """PATCH with ``patch_type`` ``merge`` (RFC 7386), ``json`` (RFC 6902) or ``strategic``."""
+    """PATCH with ``patch_type`` ``merge`` (RFC 7386), ``json`` (RFC 6902) or ``strategic``;
+    returns the answer (only its top-level ``fields``, if given)."""
     content_type = {
         "merge": "application/merge-patch+json",
         "json": "application/json-patch+json",
@@ -539,7 +549,7 @@ async def patch(
     if subresource:
         path += f"/{subresource}"
     result = await request(
-        api, "PATCH", path, query={"fieldManager": field_manager}, body=body, content_type=content_type
+        api, "PATCH", path, query={"fieldManager": field_manager}, body=body, content_type=content_type, fields=fields
     )
     return result if isinstance(result, dict) else {}
 

@@ -56,7 +56,11 @@ async def retrying(call: Callable[[], Awaitable[T]], *, what: str, deadline: flo
 
 
 async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dict[str, Any]:
-    """Apply one rendered object, keeping a degraded workload's live replica count."""
+    """Apply one rendered object, keeping a degraded workload's live replica count.
+
+    Returns the ``metadata`` of the server's answer only (``{"metadata": ...}``): callers want
+    its resourceVersion, and the answer repeats the whole object (a big CRD: ~3 MiB as dicts).
+    """
     ref = model.Ref.of(obj)
     meta = obj.get("metadata") or {}
     if obj.get("kind") in ("Deployment", "StatefulSet", "ReplicaSet"):
@@ -66,7 +70,7 @@ async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dic
             what=str(ref), deadline=deadline,
         )
         obj = render.keep_live_replicas(obj, live)
-    return await retrying(lambda: kube.apply(api, obj), what=str(ref), deadline=deadline)
+    return await retrying(lambda: kube.apply(api, obj, fields=("metadata",)), what=str(ref), deadline=deadline)
 
 
 async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
@@ -177,7 +181,8 @@ async def retain_object(api: Any, obj: dict[str, Any], *, bundle_label: str) -> 
     async def call() -> dict[str, Any] | None:
         try:
             return await kube.patch(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]), body,
-                                    namespace=meta.get("namespace"), field_manager="edgefleet-prune")
+                                    namespace=meta.get("namespace"), field_manager="edgefleet-prune",
+                                    fields=("metadata",))
         except kube.NotFound:
             return None
 
@@ -190,7 +195,7 @@ async def exists(api: Any, obj: dict[str, Any]) -> bool:
     async def call() -> bool:
         try:
             live = await kube.get(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
-                                  namespace=meta.get("namespace"))
+                                  namespace=meta.get("namespace"), fields=("metadata",))
         except kube.UnknownKind:
             return False
         return live is not None

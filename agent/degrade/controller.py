@@ -1,7 +1,9 @@
 """The degradation controller: observe nodes, plan, scale, restore; no hub needed.
 
 One loop (``run``), woken by Node/Lease watch events and at least every
-``poll_interval_seconds``. Each tick:
+``poll_interval_seconds``; on a settled site whose watches stream, Lease renewals are recorded
+as they arrive and the loop sleeps until the earliest moment a lease could go stale
+(:meth:`Controller.idle_wait`: two LISTs a second were most of the agent's idle CPU). Each tick:
 
 1. Lists Nodes and the Leases in ``kube-node-lease``. A node is healthy when its Ready
    condition is True *and* its lease was renewed within ``lease_timeout_seconds``: a dead
@@ -11,12 +13,13 @@ One loop (``run``), woken by Node/Lease watch events and at least every
 3. Otherwise lists the tiered Deployments/StatefulSets and the pods, plans
    (:mod:`~agent.degrade.planner`) and converges on the plan:
 
+   * **force-delete** tier 2-4 pods bound to lost nodes, so their controllers start
+     replacements now (a StatefulSet cannot recreate a pod name before the old pod is gone;
+     the kubelet that would confirm the deletion is dead). Tier 1 is never touched. First, so
+     that a scale-down never makes a ReplicaSet pick a healthy replica over a stranded one;
    * **scale down** (only while capacity is lost), tier 4 before tier 3: journal row + event in
      one DB transaction, then the ``edgefleet.io/original-replicas`` annotation, then the
      ``scale`` subresource (field manager ``edgefleet-degradation``);
-   * **force-delete** tier 2-4 pods bound to lost nodes, so their controllers start
-     replacements now (a StatefulSet cannot recreate a pod name before the old pod is gone;
-     the kubelet that would confirm the deletion is dead). Tier 1 is never touched;
    * **restore**, in reverse tier order (3 before 4), one tier per ``restore_stagger_seconds``,
      up to what the plan says fits; at the original count the annotation and the row go.
 
@@ -93,6 +96,8 @@ class Controller:
     grace_until: float = 0.0
     #: False until one full pass looked at the workloads (adopting annotations without a journal row).
     reconciled: bool = False
+    #: The last tick found the site settled: every node available, nothing scaled down, no dwell running.
+    quiet: bool = False
 
     @classmethod
     def load(cls, ctx: AgentContext, *, clock: Callable[[], float] = time.time) -> Controller:
@@ -127,15 +132,41 @@ class Controller:
         nothing (a stale lease is found by the poll, which no event announces anyway). Waking a
         tick (two LISTs) for each cost most of the agent's idle CPU. News: a lease appearing or
         going, or renewed for a node not currently raw-available (it is coming back).
-        Unparseable lines count as news.
+        Unparseable lines count as news. A routine renewal is fed into the tracker as it
+        arrives instead, so the poll can wait for the earliest moment a lease could go stale
+        (:meth:`idle_wait`).
         """
         try:
             event = json.loads(line)
-            name = str(event["object"]["metadata"]["name"])
+            obj = event["object"]
+            name = str(obj["metadata"]["name"])
         except (ValueError, KeyError, TypeError):
             return True
         mark = self.tracker.marks.get(name)
-        return event.get("type") != "MODIFIED" or mark is None or not mark.raw
+        if event.get("type") != "MODIFIED" or mark is None or not mark.raw:
+            return True
+        renew = (obj.get("spec") or {}).get("renewTime") if isinstance(obj, dict) else None
+        if renew:
+            self.tracker.lease_fresh(name, str(renew), now=self.clock(), timeout=self.cfg.lease_timeout_seconds)
+        return False
+
+    def idle_wait(self, *, watching: bool) -> float:
+        """Seconds until the next tick if no watch event wakes one earlier.
+
+        The poll finds what no event announces: a lease that stopped being renewed. While both
+        watches stream (renewals reach the tracker as they happen, see :meth:`lease_news`; a
+        Node change or a watch ending wakes a tick at once) and the last tick found the site
+        settled, nothing can change before the earliest lease could go stale: the wait lasts
+        until then, plus one poll interval (the same worst case as polling throughout). In
+        every other case (a watch down, a dwell or grace window running, workloads scaled down,
+        the API unreachable) it is ``poll_interval_seconds``.
+        """
+        poll = float(self.cfg.poll_interval_seconds)
+        now = self.clock()
+        if not watching or not self.quiet or now < self.grace_until or not self.tracker.leases:
+            return poll
+        earliest = min(seen.seen for seen in self.tracker.leases.values()) + float(self.cfg.lease_timeout_seconds)
+        return max(poll, earliest + poll - now)
 
     @property
     def cfg(self) -> Any:
@@ -145,6 +176,7 @@ class Controller:
 
     async def tick(self, api: Any) -> None:
         now = self.clock()
+        self.quiet = False
         try:
             node_objs = await kube.list_objects(api, "v1", "Node")
             leases = await kube.list_objects(api, "coordination.k8s.io/v1", "Lease", namespace=LEASE_NAMESPACE)
@@ -183,6 +215,7 @@ class Controller:
         journal = records.load(self.ctx.store)
         if all(n.available for n in nodes) and not journal and nodes and self.reconciled:
             self.settle(protocol.SiteState.GREEN, "all nodes ready", nodes=nodes, workloads=[], journal={}, now=now)
+            self.quiet = all(mark.raw for mark in self.tracker.marks.values())
             return
         await self.enforce(api, nodes=nodes, journal=journal, now=now)
 
@@ -203,17 +236,20 @@ class Controller:
 
         available = sorted(n.name for n in nodes if n.available)
 
-        # 1. Scale down, tier 4 first; only while capacity is lost.
+        # 1. Pods stuck on lost nodes: replacements now, not after Kubernetes' 300 s. Before the
+        #    scale-down: a ReplicaSet scaled down while its stranded pod still counts as active
+        #    may delete the replica that runs on a healthy node instead (it cannot tell them apart
+        #    until the node turns NotReady, 40 s later), leaving the workload with none running.
+        if self.cfg.evict_lost_pods:
+            await self.delete_lost_pods(api, pods, nodes=nodes)
+
+        # 2. Scale down, tier 4 first; only while capacity is lost.
         if capacity_lost:
             for w in sorted(workloads, key=lambda w: (-w.tier, w.key)):
                 target = plan.targets.get(w.key, w.desired)
                 if w.tier >= 3 and target < w.replicas:
                     await self.scale_down(api, w, target=target, reason=reason, now=now)
                     self.ctx.store.put(BASELINE_KEY, available)
-
-        # 2. Pods stuck on lost nodes: replacements now, not after Kubernetes' 300 s.
-        if self.cfg.evict_lost_pods:
-            await self.delete_lost_pods(api, pods, nodes=nodes)
 
         # 3. Restore what fits again, tier 3 before tier 4, one tier per stagger interval; only
         #    with capacity beyond what was left at the last scale-down (a node came back past its
@@ -548,10 +584,11 @@ async def run(ctx: AgentContext) -> None:
         try:
             async with kube.connect(ctx.config.kubeconfig) as api:
                 wake = asyncio.Event()
+                streaming: set[str] = set()
+                paths = ["/api/v1/nodes", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"]
                 watchers = (
-                    [asyncio.create_task(watch(api, "/api/v1/nodes", wake)),
-                     asyncio.create_task(watch(api, f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases",
-                                               wake, news=ctl.lease_news))]
+                    [asyncio.create_task(watch(api, paths[0], wake, live=streaming)),
+                     asyncio.create_task(watch(api, paths[1], wake, news=ctl.lease_news, live=streaming))]
                     if cfg.watch else []
                 )  # fmt: skip
                 try:
@@ -565,7 +602,7 @@ async def run(ctx: AgentContext) -> None:
                             log.warning("degradation tick failed", error=str(exc))
                         wake.clear()
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(wake.wait(), cfg.poll_interval_seconds)
+                            await asyncio.wait_for(wake.wait(), ctl.idle_wait(watching=streaming.issuperset(paths)))
                         await asyncio.sleep(max(0.0, _MIN_TICK_SECONDS - (time.monotonic() - started)))
                 finally:
                     for task in watchers:
@@ -577,12 +614,19 @@ async def run(ctx: AgentContext) -> None:
 
 
 async def watch(
-    api: Any, path: str, wake: asyncio.Event, *, news: Callable[[bytes], bool] | None = None
+    api: Any,
+    path: str,
+    wake: asyncio.Event,
+    *,
+    news: Callable[[bytes], bool] | None = None,
+    live: set[str] | None = None,
 ) -> None:
     """Stream a watch on ``path``, set ``wake`` on each event ``news`` accepts (default: all); reconnect with backoff.
 
     Only a hint: the tick re-lists everything it needs, so a missed or failed watch costs at
-    most one poll interval.
+    most one poll interval. ``path`` is in ``live`` while the stream is open; its end wakes a
+    tick (from then on the controller polls, see :meth:`Controller.idle_wait`), and a new stream
+    starts with an ADDED event per existing object, which wakes one too.
     """
     delay = 0.5
     while True:
@@ -594,9 +638,18 @@ async def watch(
                 _preload_content=False, _request_timeout=330,
             )  # fmt: skip
             async with response:
+                if response.status != 200:
+                    raise kube.KubeError(f"watch {path}: HTTP {response.status}")
                 delay = 0.5
-                async for line in response.content:
-                    if news is None or news(line):
+                if live is not None:
+                    live.add(path)
+                try:
+                    async for line in response.content:
+                        if news is None or news(line):
+                            wake.set()
+                finally:
+                    if live is not None:
+                        live.discard(path)
                         wake.set()
         except asyncio.CancelledError:
             raise

@@ -94,7 +94,7 @@ async def kube_probe(ctx: AgentContext) -> None:
     while True:
         error = ""
         try:
-            async with kube.connect(ctx.config.kubeconfig) as api:
+            async with kube.shared(ctx.config.kubeconfig) as api:
                 while True:
                     await kube.ping(api)
                     metrics.KUBE_UP.set(1)

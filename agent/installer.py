@@ -541,7 +541,7 @@ async def run(ctx: AgentContext) -> None:
 
     journal.setup(ctx.store)
     publish(ctx)
-    async with kube.connect(ctx.config.kubeconfig) as api:
+    async with kube.shared(ctx.config.kubeconfig) as api:
         supervisor = drift.Supervisor(ctx, api)
         await remember_version(ctx, api)
         while True:

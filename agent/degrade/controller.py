@@ -582,7 +582,7 @@ async def run(ctx: AgentContext) -> None:
     cfg = ctx.config.degradation
     while True:
         try:
-            async with kube.connect(ctx.config.kubeconfig) as api:
+            async with kube.shared(ctx.config.kubeconfig) as api:
                 wake = asyncio.Event()
                 streaming: set[str] = set()
                 paths = ["/api/v1/nodes", f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"]

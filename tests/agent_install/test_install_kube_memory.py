@@ -5,6 +5,8 @@
   unloaded after ``import agent.daemon`` and still work, unchanged, for code that does use them
   (including kubernetes-asyncio's own ``from x import y`` names). Fresh interpreters, since the
   test process itself may have imported them already.
+* :func:`agent.kube.shared` gives the daemon's tasks one client (one TLS context and pool) per
+  kubeconfig, closed with its last user, and a new one after the kubeconfig file changed.
 * :func:`agent.kube.top_level` decodes a few top-level fields of a big object (a CRD's status)
   without building the rest: it must agree with ``json.loads`` on any JSON object, and refuse
   what is not one.
@@ -22,6 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import sim.testing
 from agent import kube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,3 +97,21 @@ def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
 def test_top_level_refuses_what_is_not_a_json_object(text: str) -> None:
     with pytest.raises(ValueError):
         kube.top_level(text, ("status",))
+
+
+async def test_shared_client_per_kubeconfig(tmp_path: Path) -> None:
+    async with sim.testing.running(nodes=["server-0"]) as site:
+        async with kube.shared(site.kubeconfig) as first, kube.shared(site.kubeconfig) as second:
+            assert first is second
+            assert (await kube.ping(first)).get("gitVersion")
+            # k3s rewrites its kubeconfig when it rotates certificates: newcomers get a new client.
+            site.kubeconfig.write_text(site.kubeconfig.read_text() + "\n")
+            async with kube.shared(site.kubeconfig) as third:
+                assert third is not first
+                assert (await kube.ping(third)).get("gitVersion")
+            assert third.rest_client.pool_manager.closed  # its last user left
+            assert not first.rest_client.pool_manager.closed  # still in use
+            assert (await kube.ping(first)).get("gitVersion")
+        assert first.rest_client.pool_manager.closed
+        async with kube.shared(site.kubeconfig) as fourth:
+            assert fourth is not first

@@ -103,7 +103,9 @@ class DegradationConfig(_Section):
     #: A node whose Lease was not renewed for this long counts as down (kubelets renew every 10 s;
     #: Kubernetes itself waits 40 s before NotReady). Measured on the agent's clock.
     lease_timeout_seconds: float = Field(default=20.0, gt=0)
-    #: Re-evaluation period (finds stale leases); Node events and news in Lease events wake it earlier.
+    #: Re-evaluation period while watches are not streaming or something is unsettled. On a settled
+    #: site with live watches the controller instead sleeps until the earliest moment a lease could
+    #: go stale (plus this period); Node events and news in Lease events wake it earlier.
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     #: Force-delete tier 2-4 pods on nodes the agent considers lost, instead of letting them sit
     #: there until Kubernetes evicts them (300 s), so their replacements start now.

@@ -24,6 +24,7 @@ died gets a ``failed`` reply on the next start (:func:`recover`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -44,12 +45,6 @@ from agent import outbox, protocol
 from agent.context import AgentContext
 from agent.state import StateStore
 from bundles.errors import BundleError
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-# cryptography (via bundles.dsse) is imported where a command is checked, not here: it costs
-# ~7 MiB RSS, and an idle agent with no commands arriving never needs it.
 
 log = structlog.get_logger("edgefleet.commands")
 
@@ -76,11 +71,14 @@ COMMANDS = Counter("edgefleet_commands_total", "Hub commands received, by outcom
 class Rejected(Exception):
     """A command that must not run. ``reason`` is a short stable label (events, metrics, replies)."""
 
-    def __init__(self, reason: str, detail: str, *, command: protocol.Command | None = None) -> None:
+    def __init__(self, reason: str, detail: str, *, command: protocol.Command | None = None,
+                 claimed_cmd_id: str = "") -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
         self.command = command
+        #: For correlation only when ``command`` is None: the cmd_id the unverified envelope claims.
+        self.claimed_cmd_id = claimed_cmd_id
 
 
 class Failed(Exception):
@@ -97,38 +95,38 @@ def setup(store: StateStore) -> None:
 # --- verification (pure) ---------------------------------------------------------------------------------------
 
 
-def load_hub_key(trust_dir: Path) -> Ed25519PublicKey:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+def verify(payload: bytes, *, trust_dir: Path, site: str) -> protocol.Command:
+    """Signature, schema and addressee: everything that needs no agent state.
 
-    path = trust_dir / protocol.HUB_COMMAND_KEY_FILE
+    The key, the envelope and the signature are checked in a short-lived child
+    (:mod:`agent.verifyproc`): cryptography costs ~7 MiB RSS that the daemon would keep for life
+    after its first command. The child takes ~0.1 s; a child that dies refuses the command
+    (``verifier-failed``). The payload it vouches for is parsed here.
+    """
+    from agent import verifyproc
+
+    # No child for what cannot be an envelope (the first checks of bundles.dsse.parse, same
+    # messages): junk from a hostile broker costs a JSON decode, not a process.
+    if len(payload) > protocol.MAX_COMMAND_ENVELOPE_BYTES:
+        raise Rejected("malformed", f"not a command envelope: envelope is {len(payload)} bytes, over the "
+                                    f"{protocol.MAX_COMMAND_ENVELOPE_BYTES}-byte cap")
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise Rejected("no-key", f"no hub command key at {path}: commands are refused until it is installed") from None
-    except (OSError, ValueError) as exc:
-        raise Rejected("no-key", f"hub command key {path} is unreadable: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise Rejected("no-key", f"hub command key {path} is not an Ed25519 public key")
-    return key
-
-
-def verify(payload: bytes, *, key: Ed25519PublicKey, site: str) -> protocol.Command:
-    """Signature, schema and addressee: everything that needs no agent state."""
-    from bundles import dsse
-
+        json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("malformed", f"not a command envelope: envelope is not JSON: {exc}") from None
+    request = {"op": "command", "trust_dir": str(trust_dir), "payload": base64.b64encode(payload).decode("ascii")}
     try:
-        envelope = dsse.parse(payload, max_bytes=protocol.MAX_COMMAND_ENVELOPE_BYTES)
-    except dsse.EnvelopeError as exc:
-        raise Rejected("malformed", f"not a command envelope: {exc}") from None
-    if envelope.payload_type != protocol.COMMAND_PAYLOAD_TYPE:
-        raise Rejected("forged", f"envelope payload type {envelope.payload_type[:80]!r} is not a command")
-    if not dsse.valid_keyids(envelope, keys={dsse.keyid_of(key): key}):
-        raise Rejected("forged", "no valid signature by the hub command key")
+        result = verifyproc.run(request)
+    except verifyproc.VerifierFailed as exc:
+        raise Rejected("verifier-failed", exc.message, claimed_cmd_id=_claimed_cmd_id(payload)) from None
+    if "rejected" in result:
+        doc = result["rejected"]
+        raise Rejected(str(doc["reason"]), str(doc["detail"]), claimed_cmd_id=str(doc.get("cmd_id") or "")[:64])
+    verified = base64.b64decode(result["payload"])
     try:
-        command = protocol.parse_command_payload(envelope.payload)
+        command = protocol.parse_command_payload(verified)
     except protocol.ProtocolError as exc:
-        raise Rejected("malformed", str(exc)) from None
+        raise Rejected("malformed", str(exc), claimed_cmd_id=_claimed_cmd_id(payload)) from None
     if command.site != site:
         raise Rejected("wrong-site", f"command is for site {command.site!r}, this is {site!r}", command=command)
     return command
@@ -156,7 +154,7 @@ def admit(ctx: AgentContext, payload: bytes, *, now: datetime | None = None) -> 
     cfg = ctx.config.link
     now = now or datetime.now(UTC)
     try:
-        command = verify(payload, key=load_hub_key(ctx.config.trust_dir), site=ctx.site)
+        command = verify(payload, trust_dir=ctx.config.trust_dir, site=ctx.site)
         with ctx.store.transaction() as db:
             row = db.execute("SELECT reply FROM commands WHERE cmd_id=?", (command.cmd_id,)).fetchone()
             if row is not None:
@@ -207,7 +205,7 @@ def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
         return
     _reject_budget[ctx.store] = [tokens - 1, now, 0.0]
     command = exc.command
-    cmd_id = command.cmd_id if command else _unverified_cmd_id(payload)
+    cmd_id = command.cmd_id if command else exc.claimed_cmd_id
     data: dict[str, Any] = {
         "reason": exc.reason,
         "cmd_id": cmd_id,
@@ -225,15 +223,14 @@ def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
     })
 
 
-def _unverified_cmd_id(payload: bytes) -> str:
-    """Best effort, for correlation only: the cmd_id an unverifiable envelope claims."""
-    from bundles import dsse
-
+def _claimed_cmd_id(payload: bytes) -> str:
+    """Best effort, for correlation only: the cmd_id a DSSE envelope claims, read without
+    verifying anything (the signature check is the child's)."""
     try:
-        envelope = dsse.parse(payload, max_bytes=protocol.MAX_COMMAND_ENVELOPE_BYTES)
-        doc = json.loads(envelope.payload)
+        envelope = json.loads(payload)
+        doc = json.loads(base64.b64decode(envelope["payload"], validate=True))
         value = doc.get("cmd_id") if isinstance(doc, dict) else None
-    except (dsse.EnvelopeError, ValueError):
+    except (ValueError, TypeError, KeyError):  # binascii.Error is a ValueError
         return ""
     return value[:64] if isinstance(value, str) else ""
 

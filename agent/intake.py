@@ -2,7 +2,10 @@
 
 Nothing from a bundle is used before :func:`bundles.verify.verify_and_stage` accepted every
 byte against the site's effective trust root and the anti-rollback high-water mark (release,
-created) of the last *committed* bundle.
+created) of the last *committed* bundle. Verification runs in a short-lived child process
+(:mod:`agent.verifyproc`), so the verifier's ``cryptography`` never stays in the daemon; its
+failures come back as the same error classes and messages, and a child that dies is a
+rejection (``verifier-failed``).
 
 Trust root: ``<trust_dir>/root.json`` is the operator-installed seed (read-only to the agent under
 its systemd unit); rotations carried by verified bundles are stored in the state directory
@@ -35,19 +38,15 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from agent import exitcodes, installer, metrics, protocol, sitestatus
+from agent import exitcodes, installer, metrics, protocol, sitestatus, verifyproc
 from agent.context import AgentContext
 from agent.install import journal
 from bundles import errors, split
-
-if TYPE_CHECKING:
-    from bundles import trust, verify
 
 log = structlog.get_logger("edgefleet.intake")
 
@@ -82,24 +81,36 @@ def store_dir(ctx: AgentContext) -> Path:
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
 
 
-def _effective_root(ctx: AgentContext) -> trust.Effective:
-    """The seed walked through the stored rotations; refused if it went back below what this site trusted."""
-    # Imported here, not at module level: the verifier pulls in cryptography and the manifest
-    # models (~10 MiB RSS) that an idle daemon never needs; the first import pays it once.
-    from bundles import trust
+def _verify_in_child(ctx: AgentContext, path: Path) -> dict[str, Any]:
+    """Effective trust root, verify + stage, rotation persistence: in a child (``agent.verifyproc``).
 
-    effective = trust.load_effective(ctx.config.trust_dir / "root.json", ctx.config.trust_chain)
-    trusted = int((ctx.store.get(sitestatus.TRUST_KEY) or {}).get("version") or 0)
-    if effective.root.version < trusted:
-        raise errors.RootInvalid(
-            f"the trust root is v{effective.root.version} (seed {ctx.config.trust_dir / 'root.json'} + "
-            f"{ctx.config.trust_chain}) but this site already trusted v{trusted}: the stored chain was removed "
-            f"or replaced; restore it, or install root v{trusted} or newer as the seed"
-        )
-    return effective
+    The child's result says how far it got (``phase`` of a failure: ``trust``, ``verify``,
+    ``rotation``), the effective root it used and, once staged, what it staged. One staging at a
+    time per site, and never while the daemon sweeps stale staging dirs: the staging lock is held
+    for the whole run, which also covers the rotation's re-read of the stored chain (the inbox
+    unit's process may have stored a longer one meanwhile). A child that died is a rejection; the
+    staging directory it may have left is swept under the same lock.
+    """
+    release, created = journal.highwater(ctx.store)
+    request = {
+        "op": "bundle", "path": str(path), "seed": str(ctx.config.trust_dir / "root.json"),
+        "chain": str(ctx.config.trust_chain),
+        "trusted_version": int((ctx.store.get(sitestatus.TRUST_KEY) or {}).get("version") or 0),
+        "store_dir": str(store_dir(ctx)), "min_release": release, "min_created": created or None,
+        # Compatibility: the cluster's version as the installer last saw it (None before the first
+        # contact: then only the architecture is checked) and this node's CPU architecture.
+        "kubernetes_version": ctx.store.get(KUBE_VERSION_KEY),
+        "arch": _ARCH.get(platform.machine(), platform.machine()),
+    }
+    with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
+        try:
+            return verifyproc.run(request)
+        except verifyproc.VerifierFailed:
+            verifyproc.run({"op": "cleanup", "store_dir": str(store_dir(ctx))})
+            raise
 
 
-def _trust_checked(ctx: AgentContext, *, effective: trust.Effective | None = None,
+def _trust_checked(ctx: AgentContext, *, record: dict[str, Any] | None = None,
                    error: errors.BundleError | None = None) -> None:
     """Record the effective root (or why it was refused) for ``status``; a new refusal is an event.
 
@@ -107,11 +118,8 @@ def _trust_checked(ctx: AgentContext, *, effective: trust.Effective | None = Non
     deleted chain file cannot lower it.
     """
     before = ctx.store.get(sitestatus.TRUST_KEY) or {}
-    if effective is not None:
-        record: dict[str, Any] = {
-            "version": effective.root.version, "seed_version": effective.seed.version,
-            "rotations": len(effective.links), "expires": effective.root.expires.isoformat(), "error": None,
-        }
+    if record is not None:
+        record = {**record, "error": None}
     else:
         assert error is not None
         record = {**before, "error": error.message}
@@ -122,57 +130,16 @@ def _trust_checked(ctx: AgentContext, *, effective: trust.Effective | None = Non
         ctx.store.put(sitestatus.TRUST_KEY, record)
 
 
-def _verify(ctx: AgentContext, path: Path, *, root: trust.TrustRoot) -> verify.StagedBundle:
-    from bundles import verify
-
-    release, created = journal.highwater(ctx.store)
-    # Compatibility: the cluster's version as the installer last saw it (None before the first
-    # contact: then only the architecture is checked) and this node's CPU architecture.
-    kubernetes_version = ctx.store.get(KUBE_VERSION_KEY)
-    # One staging at a time per site, and never while the daemon sweeps stale staging dirs.
-    with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
-        return verify.verify_and_stage(
-            path, root=root, store_dir=store_dir(ctx), min_release=release,
-            min_created=datetime.fromisoformat(created) if created else None,
-            kubernetes_version=kubernetes_version, arch=_ARCH.get(platform.machine(), platform.machine()),
-        )
-
-
-def _persist_rotation(ctx: AgentContext, effective: trust.Effective, staged: verify.StagedBundle) -> trust.Effective:
-    """Store the rotations the bundle's chain made (a valid rotation stands whatever the bundle's fate).
-
-    Raises ``StoreError`` if it cannot be written: going on would trust the new root only until
-    the next restart, which is exactly the bug this guards against. Under the staging lock, from a
-    fresh load: the inbox unit's process may have stored a longer chain since ``effective`` was
-    read, and overwriting it with a shorter one would lower the stored version.
-    """
-    from bundles import trust
-
-    try:
-        with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
-            current = trust.load_effective(ctx.config.trust_dir / "root.json", ctx.config.trust_chain)
-            if current.root.version < effective.root.version:
-                raise errors.RootInvalid(f"the stored trust chain went back to v{current.root.version} meanwhile")
-            return trust.persist_rotation(current, staged.root_chain, chain_path=ctx.config.trust_chain)
-    except (OSError, errors.BundleError) as exc:
-        message = exc.message if isinstance(exc, errors.BundleError) else str(exc)
-        raise errors.StoreError(
-            f"could not store the rotation to trust root v{staged.root.version} in {ctx.config.trust_chain}: {message}"
-        ) from None
-
-
 def _cleanup(ctx: AgentContext) -> None:
     """Sweep staging/trash dirs a crash left behind (all are dot-named).
 
-    Looks first, so a clean store does not import the verifier (see :func:`_verify`).
+    Looks first, so a clean store does not start the verifier child.
     """
     store = store_dir(ctx)
     if not store.is_dir() or not any(child.name.startswith(".") for child in store.iterdir()):
         return
-    from bundles import verify
-
     with installer.exclusive(ctx.config.state_dir, name=STAGE_LOCK, wait=True):
-        verify.cleanup_stale(store)
+        verifyproc.run({"op": "cleanup", "store_dir": str(store)})
 
 
 def _reject(ctx: AgentContext, path: Path, exc: errors.BundleError) -> None:
@@ -191,44 +158,48 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
     journal.setup(ctx.store)
     existed = {p.name for p in store_dir(ctx).iterdir()} if store_dir(ctx).is_dir() else set()
     try:
-        effective = await asyncio.to_thread(_effective_root, ctx)
-    except errors.BundleError as exc:
-        _trust_checked(ctx, error=exc)
+        result = await asyncio.to_thread(_verify_in_child, ctx, path)
+    except verifyproc.VerifierFailed as exc:
         _reject(ctx, path, exc)
         raise
-    _trust_checked(ctx, effective=effective)
-    try:
-        staged = await asyncio.to_thread(_verify, ctx, path, root=effective.root)
-    except errors.BundleError as exc:
-        if explicit or not _waiting_for_parts(path, exc):
-            _reject(ctx, path, exc)
-        raise
-    if staged.root_rotated:
-        try:
-            rotated = await asyncio.to_thread(_persist_rotation, ctx, effective, staged)
-        except errors.BundleError as exc:
-            if staged.path.name not in existed:
-                shutil.rmtree(staged.path, ignore_errors=True)
-            _reject(ctx, path, exc)
-            raise
-        old, new = effective.root.version, rotated.root.version
+    error = verifyproc.error_of(result["error"]) if "error" in result else None
+    if result.get("phase") == "trust":
+        assert error is not None
+        _trust_checked(ctx, error=error)
+        _reject(ctx, path, error)
+        raise error
+    _trust_checked(ctx, record=result["effective"])
+    if result.get("phase") == "verify":
+        assert error is not None
+        if explicit or not _waiting_for_parts(path, error):
+            _reject(ctx, path, error)
+        raise error
+    staged = result["staged"]
+    staged_path = Path(staged["path"])
+    if result.get("phase") == "rotation":
+        assert error is not None
+        if staged_path.name not in existed:
+            shutil.rmtree(staged_path, ignore_errors=True)
+        _reject(ctx, path, error)
+        raise error
+    if "rotated" in result:
+        old, new = result["effective"]["version"], result["rotated"]["version"]
         ctx.emit("trust.rotated", f"bundle trust root rotated from v{old} to v{new}", data={"from": old, "to": new})
-        _trust_checked(ctx, effective=rotated)
-    manifest = staged.manifest
+        _trust_checked(ctx, record=result["rotated"])
     rec = journal.BundleRecord(
-        bundle_id=staged.bundle_id, bundle=f"{manifest.name}-{manifest.version}", name=manifest.name,
-        version=manifest.version, release=manifest.release, created=manifest.created.isoformat(),
-        path=str(staged.path), manifest=(staged.path / "manifest.json").read_text(encoding="utf-8"),
+        bundle_id=staged["bundle_id"], bundle=f"{staged['name']}-{staged['version']}", name=staged["name"],
+        version=staged["version"], release=staged["release"], created=staged["created"],
+        path=str(staged_path), manifest=(staged_path / "manifest.json").read_text(encoding="utf-8"),
     )
     bad = journal.bad_reason(ctx.store, rec.bundle)
     cleared = False
     if bad is not None:
         if not explicit:
-            if staged.path.name not in existed:
-                shutil.rmtree(staged.path, ignore_errors=True)
-            error = MarkedBad(f"{rec.bundle} was rolled back before ({bad}); import it explicitly to retry")
-            _reject(ctx, path, error)
-            raise error
+            if staged_path.name not in existed:
+                shutil.rmtree(staged_path, ignore_errors=True)
+            marked = MarkedBad(f"{rec.bundle} was rolled back before ({bad}); import it explicitly to retry")
+            _reject(ctx, path, marked)
+            raise marked
         journal.clear_bad(ctx.store, rec.bundle)
         cleared = True
         ctx.emit("install.bad_cleared", f"{rec.bundle} re-imported: its bad mark is cleared",
@@ -238,7 +209,7 @@ async def import_bundle(ctx: AgentContext, path: Path | str, *, explicit: bool =
         run = journal.new_run(ctx.store, rec)
     ctx.emit("bundle.accepted", f"bundle {rec.bundle} verified and queued for install",
              data={"bundle": rec.bundle, "bundle_id": rec.bundle_id, "release": rec.release,
-                   "signers": sorted(staged.signers)})
+                   "signers": staged["signers"]})
     installer.publish(ctx)
     return ImportResult(bundle=rec.bundle, bundle_id=rec.bundle_id, release=rec.release, run_id=run.id,
                         cleared_bad=cleared)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from install_kit import Keys, build_bundle, context, events, run_agent, site_v1
 
-from agent import intake, sitestatus
+from agent import intake, sitestatus, verifyproc
 from agent.install import journal, model, source
 from bundles import errors
 
@@ -46,6 +48,49 @@ async def test_tampered_bundle_rejected_and_nothing_changes(
     assert not store_dir.exists() or [p for p in store_dir.iterdir() if not p.name.startswith(".")] == []
     rejected = events(ctx.store, "bundle.rejected")
     assert len(rejected) == 1 and rejected[0]["data"]["reason"] == info.value.reason
+
+
+async def test_a_killed_verifier_rejects_and_changes_nothing(
+    tmp_path: Path, trust_keys: Keys, agent_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Verification runs in a child (agent.verifyproc): one that dies answers nothing, so the bundle
+    # is refused, and a staging directory a dead child may leave is swept.
+    bundle = build_bundle(tmp_path / "v1.bundle", k=trust_keys, comps=site_v1(), version="1.0.0", release=1)
+    ctx = context(agent_config)
+    leftover = intake.store_dir(ctx) / ".staging-leftover"
+    leftover.mkdir(parents=True)
+    monkeypatch.setenv("EDGEFLEET_FAILPOINT", "verifier:bundle")
+    with pytest.raises(verifyproc.VerifierFailed) as info:
+        await intake.import_bundle(ctx, bundle)
+    assert "SIGKILL" in info.value.message
+    assert journal.active_run(ctx.store) is None and journal.all_bundles(ctx.store) == []
+    assert not leftover.exists()
+    assert [e["data"]["reason"] for e in events(ctx.store, "bundle.rejected")] == ["verifier-failed"]
+    monkeypatch.delenv("EDGEFLEET_FAILPOINT")
+    assert (await intake.import_bundle(ctx, bundle)).bundle == "site-1.0.0"
+
+
+def test_verification_keeps_cryptography_out_of_the_agent(tmp_path: Path, trust_keys: Keys, agent_config: Path) -> None:
+    # The point of the verifier child: the agent process never loads cryptography (~8 MiB it
+    # would keep for life). A fresh interpreter, since this test process has it loaded already.
+    bundle = build_bundle(tmp_path / "v1.bundle", k=trust_keys, comps=site_v1(), version="1.0.0", release=1)
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from agent import config, intake, outbox
+from agent.context import AgentContext
+from agent.install import journal
+from agent.state import StateStore
+cfg = config.load(Path({str(agent_config)!r}))
+store = StateStore.open(cfg.state_dir)
+outbox.setup(store)
+journal.setup(store)
+print(asyncio.run(intake.import_bundle(AgentContext(config=cfg, store=store), Path({str(bundle)!r}))).bundle)
+crypto = ("cryptography", "bundles.verify", "bundles.trust", "bundles.dsse")
+print(sorted(m for m in sys.modules if m.startswith(crypto)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.splitlines()[-2:] == ["site-1.0.0", "[]"]
 
 
 async def test_other_signer_rejected(tmp_path: Path, trust_keys: Keys, agent_config: Path) -> None:

@@ -153,6 +153,21 @@ async def test_missing_hub_key_refuses_everything(agent: Any) -> None:
     assert _rejections(agent.ctx) == ["no-key"]
 
 
+async def test_a_killed_verifier_refuses_the_command(agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The signature is checked in a child process (agent.verifyproc); one that dies answers nothing,
+    # and nothing unverified may pass: the command is refused, the sequence does not move.
+    monkeypatch.setenv("EDGEFLEET_FAILPOINT", "verifier:command")
+    envelope = sign(agent, seq=1, name=protocol.CommandName.REPORT_NOW)
+    assert commands.admit(agent.ctx, envelope) is None
+    assert _rejections(agent.ctx) == ["verifier-failed"]
+    events, replies = _queued(agent.ctx)
+    assert "SIGKILL" in events[0].summary and events[0].data["verified"] is False
+    assert replies[0].cmd_id == json.loads(base64.b64decode(json.loads(envelope)["payload"]))["cmd_id"]
+    assert int(agent.ctx.store.get(commands.LAST_SEQ_KEY, 0)) == 0
+    monkeypatch.delenv("EDGEFLEET_FAILPOINT")
+    assert commands.admit(agent.ctx, envelope) is not None  # the same command, once verified, runs
+
+
 async def test_rejection_reports_are_rate_limited(agent: Any) -> None:
     for _ in range(commands.REJECT_BURST * 3):
         commands.admit(agent.ctx, b"junk")

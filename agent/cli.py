@@ -7,6 +7,7 @@ subcommand sets ``func(args) -> int`` (the exit code, see :mod:`agent.exitcodes`
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,29 +15,51 @@ from agent import exitcodes
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-
-def _registrars() -> list[Registrar]:
-    # Imported here so `edgefleet-agent --help` stays cheap and one broken module is loud.
-    from agent import daemon, installer, intake, snapshots, status_cli
-
-    registrars: list[Registrar] = [
-        daemon.add_commands, status_cli.add_commands, snapshots.add_commands, intake.add_commands,
-        installer.add_commands,
-    ]
-    return registrars
+#: The module that registers each top-level command (its ``add_commands``).
+COMMAND_MODULES = {
+    "run": "agent.daemon", "status": "agent.status_cli", "snapshot": "agent.snapshots", "bundle": "agent.intake",
+    "install": "agent.installer",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _registrars(command: str | None = None) -> list[Registrar]:
+    """The registrars of ``command``'s module only, or of every module (``--help``, unknown commands).
+
+    Why not always all: the daemon (``run``) would import the snapshot and install CLIs and what
+    they import (APScheduler, the uploader's urllib/email, ...) for nothing: memory it keeps for
+    its lifetime. Imported here, not at module level, so ``edgefleet-agent --help`` stays cheap
+    and one broken module is loud.
+    """
+    names = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else list(dict.fromkeys(COMMAND_MODULES.values()))
+    return [importlib.import_module(name).add_commands for name in names]
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The top-level command in ``argv`` (the first word that is not an option or ``--config``'s value)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+        elif arg in ("-h", "--help"):
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, with only the subcommands of the command it names."""
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="/etc/edgefleet/agent.yaml", help="agent config file (YAML)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _registrars():
+    for register in _registrars(None if argv is None else _command_of(argv)):
         register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

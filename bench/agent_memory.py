@@ -5,7 +5,9 @@ with kubernetes-asyncio imported the usual way as the baseline measured in the s
 ratio, module counts, and where the code goes (pyc bytes per top-level package). See
 docs/operations.md, "Memory". With ``--idle SECONDS``, also runs the daemon (``edgefleet-agent run``,
 HTTP on, link and snapshots off, no bundle) against a 3-node sim subprocess and prints its steady
-RSS and idle CPU against the targets. Usage: ``python bench/agent_memory.py [--runs N] [--idle 60]``.
+RSS and idle CPU against the targets. Also the RSS a process with the daemon's imports keeps after
+verifying one hub command (the check runs in a child: it should keep nothing).
+Usage: ``python bench/agent_memory.py [--runs N] [--idle 60]``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,49 @@ def measure(mode: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT, check=True, timeout=300
     )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+COMMAND_PROBE = r"""
+import gc, json, sys
+from pathlib import Path
+import agent.daemon
+from agent import commands
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+trust_dir = Path(sys.argv[1])
+gc.collect()
+before = rss()
+command = commands.verify((trust_dir / "command.json").read_bytes(), trust_dir=trust_dir, site="bench-site")
+gc.collect()
+print(json.dumps({"before": before, "after": rss(), "cryptography": "cryptography" in sys.modules}))
+"""
+
+
+def command() -> dict[str, Any]:
+    """RSS of a fresh interpreter with the daemon's imports, before and after it verified one hub command."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    sys.path.insert(0, str(ROOT))
+    from agent import protocol
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-command-") as tmp:
+        trust_dir = Path(tmp)
+        key = Ed25519PrivateKey.generate()
+        (trust_dir / protocol.HUB_COMMAND_KEY_FILE).write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        now = datetime.now(UTC)
+        signed = protocol.sign_command(protocol.Command(
+            site="bench-site", seq=1, name=protocol.CommandName.REPORT_NOW, issued=now,
+            expires=now + timedelta(minutes=10)), key=key)
+        (trust_dir / "command.json").write_bytes(signed)
+        out = subprocess.run([sys.executable, "-c", COMMAND_PROBE, str(trust_dir)], capture_output=True, text=True,
+                             cwd=ROOT, check=True, timeout=120)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -110,6 +155,10 @@ def main() -> None:
     print("largest packages by pyc bytes (lazy):")
     for name, size in results["lazy"][-1]["pyc"]:
         print(f"  {name:22s} {size / 2**20:5.2f} MiB")
+    cmd = command()
+    print(f"one verified hub command (its signature checked in the verifier child): RSS {cmd['before']:.1f} -> "
+          f"{cmd['after']:.1f} MiB ({cmd['after'] - cmd['before']:+.1f} MiB kept), cryptography loaded in the agent: "
+          f"{cmd['cryptography']}")
     if args.idle > 0:
         steady, cpu = idle(args.idle)
         print(f"idle daemon, no bundle, 3-node sim (speed 20), {args.idle:.0f} s: steady RSS {steady:.1f} MiB "

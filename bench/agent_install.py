@@ -7,12 +7,18 @@ other, server-side, waiting for the same gates (``kubectl wait``: CRDs Establish
 workloads Available/ready after each component), i.e. what an operator with a script would do.
 
 Then ``edgefleet-agent run`` (the daemon) supervises the installed site for a while: its steady RSS
-and idle CPU (health every 15 s, drift every 60 s: the defaults) are measured with psutil.
+and idle CPU (health every 15 s, drift every 60 s: the defaults) are measured with psutil. Then an
+upgrade (the same bundle as 1.0.1, release 2) is dropped into its inbox: the daemon's peak while it
+verifies and installs it, each one-shot child's peak (bundle verifier, renderer), and its steady
+RSS afterwards.
 
 Prints the ratio (target <= 0.5x), the absolute times, the agent's peak and steady RSS (target
 <= 64 MiB) and idle CPU (target <= 1% of one core). Usage::
 
-    .venv/bin/python bench/agent_install.py [--speed 20] [--idle 90]
+    .venv/bin/python bench/agent_install.py [--speed 20] [--idle 90] [--env KEY=VALUE]
+
+The agent processes get the ``Environment=`` lines of systemd/edgefleet-agent.service (as on a
+node); ``--env`` overrides them, to compare settings in the same session.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,27 +52,54 @@ PLATFORM = Path(os.environ.get("EDGEFLEET_PLATFORM_DIR", ROOT.parent / "shared" 
 AGENT = [sys.executable, "-m", "agent.cli"]
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float, float]:
-    """(wall s, return code, peak RSS MiB of the agent process, peak RSS MiB of any process it spawned).
+def _role(proc: psutil.Process) -> str:
+    """Which one-shot child a process is: the bundle verifier, the renderer, or something else."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    return "verifier" if "agent.verifyproc" in cmdline else "renderer" if "agent.install.cache" in cmdline else "other"
 
-    Both sampled with psutil every 50 ms (the spawned one is the one-shot bundle renderer; it
-    lives a second or two). Not wait4's rusage: a forked child's ru_maxrss starts at the size of
-    the process that forked it (here the benchmark, ~130 MiB), which says nothing about the agent.
+
+def sample(p: psutil.Process, peaks: dict[str, float]) -> None:
+    """Fold the RSS of ``p`` (``agent``) and of each child, by role, into ``peaks`` (MiB)."""
+    try:
+        peaks["agent"] = max(peaks.get("agent", 0.0), p.memory_info().rss / 2**20)
+        for child in p.children(recursive=True):
+            role = _role(child)
+            peaks[role] = max(peaks.get(role, 0.0), child.memory_info().rss / 2**20)
+    except psutil.Error:
+        pass
+
+
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, dict[str, float]]:
+    """(wall s, return code, peak RSS MiB of the agent process and of each kind of child it spawned).
+
+    Sampled with psutil every 50 ms (the children are the one-shot bundle verifier and renderer;
+    each lives a second or two). Not wait4's rusage: a forked child's ru_maxrss starts at the size
+    of the process that forked it (here the benchmark, ~130 MiB), which says nothing about the agent.
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p = psutil.Process(proc.pid)
-    own = children = 0.0
+    peaks: dict[str, float] = {}
     while proc.poll() is None:
-        try:
-            own = max(own, p.memory_info().rss / 2**20)
-            for child in p.children(recursive=True):
-                children = max(children, child.memory_info().rss / 2**20)
-        except psutil.Error:
-            pass
+        sample(p, peaks)
         time.sleep(0.05)
     wall = time.perf_counter() - t0
-    return wall, int(proc.returncode or 0), own, children
+    return wall, int(proc.returncode or 0), peaks
+
+
+def unit_environment(unit: Path = ROOT / "systemd" / "edgefleet-agent.service") -> dict[str, str]:
+    """The ``Environment=`` assignments of the shipped agent unit, so the daemon here runs as on a node
+    (e.g. its allocator settings, which change the RSS measured)."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.removeprefix("Environment=")):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
 
 
 def kubectl(kubeconfig: Path, *args: str) -> None:
@@ -116,26 +150,55 @@ def _dag_order(units: list[model.Unit]) -> list[model.Unit]:
     return done
 
 
-def idle(config: Path, env: dict[str, str], seconds: float) -> tuple[float, float, float]:
-    """Run the daemon; after it settled, (steady RSS MiB, peak RSS MiB, CPU % of one core) over ``seconds``.
+def _steady(p: psutil.Process, seconds: float) -> tuple[float, float]:
+    """(median RSS MiB, CPU % of one core) of ``p`` over ``seconds``, sampled every second."""
+    c0, t0 = p.cpu_times(), time.perf_counter()
+    samples = []
+    while time.perf_counter() - t0 < seconds:
+        samples.append(p.memory_info().rss / 2**20)
+        time.sleep(1)
+    c1, t1 = p.cpu_times(), time.perf_counter()
+    return sorted(samples)[len(samples) // 2], (c1.user + c1.system - c0.user - c0.system) / (t1 - t0) * 100
+
+
+def idle(config: Path, env: dict[str, str], seconds: float, *, inbox_bundle: Path, state_dir: Path,
+         inbox: Path) -> dict[str, float]:
+    """Run the daemon: steady RSS and CPU after it settled; then an inbox-delivered upgrade.
 
     Settling covers startup and the first drift pass (at ``drift_interval_seconds``, 60 s), which
     reads every object once to learn their resourceVersions; later passes read only what changed.
+    Then ``inbox_bundle`` is dropped into the inbox: the daemon verifies it (in its verifier
+    child), renders it (renderer child) and installs it; its peak and each child's are sampled
+    until the new bundle is committed, and its steady RSS is measured again after it settled.
     """
     proc = subprocess.Popen([*AGENT, "--config", str(config), "run"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         p = psutil.Process(proc.pid)
         time.sleep(75)
-        c0, t0 = p.cpu_times(), time.perf_counter()
-        samples = []
-        while time.perf_counter() - t0 < seconds:
-            samples.append(p.memory_info().rss / 2**20)
-            time.sleep(1)
-        c1, t1 = p.cpu_times(), time.perf_counter()
-        cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0) * 100
-        peak = getattr(p.memory_full_info(), "rss", 0) / 2**20
-        return sorted(samples)[len(samples) // 2], max(max(samples), peak), cpu
+        out: dict[str, float] = {}
+        out["steady"], out["cpu"] = _steady(p, seconds)
+        out["peak_idle"] = getattr(p.memory_full_info(), "rss", 0) / 2**20
+        store = StateStore.open(state_dir)
+        try:
+            before = journal.current(store)
+            inbox.mkdir(parents=True, exist_ok=True)
+            tmp = inbox / f".{inbox_bundle.name}.part"
+            shutil.copyfile(inbox_bundle, tmp)
+            os.replace(tmp, inbox / inbox_bundle.name)
+            peaks: dict[str, float] = {}
+            deadline = time.monotonic() + 600
+            while (rec := journal.current(store)) is None or before is None or rec.bundle_id == before.bundle_id:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("the daemon did not install the inbox bundle")
+                sample(p, peaks)
+                time.sleep(0.05)
+        finally:
+            store.close()
+        out.update({f"inbox_{k}": v for k, v in peaks.items()})
+        time.sleep(75)
+        out["steady_after_inbox"], out["cpu_after_inbox"] = _steady(p, seconds / 2)
+        return out
     finally:
         proc.terminate()
         proc.wait(20)
@@ -146,10 +209,14 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=20.0, help="sim clock speed (both sims)")
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of idle supervision to measure")
     parser.add_argument("--no-baseline", action="store_true", help="skip kubectl (development only: no ratio)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set for the agent after the unit's Environment= (compare e.g. PYTHONMALLOC=pymalloc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-install-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    agent_env = {**unit_environment(), **dict(item.partition("=")[::2] for item in args.env)}
+    env = {**os.environ, **agent_env, "PYTHONPATH": str(ROOT)}
     env.pop("EDGEFLEET_FAILPOINT", None)
+    print(f"agent environment (systemd/edgefleet-agent.service Environment=, then --env): {agent_env}")
     try:
         k = kit.make_trust(work / "trust")
         res = build.build(profile=build.DEFAULT_PROFILE, platform=PLATFORM / "idp-blueprint",
@@ -157,6 +224,9 @@ def main() -> int:
                           keys=[k.private], allow_unrendered=True)
         print(f"bundle: {res.object_count} objects, {res.path.stat().st_size / 2**20:.2f} MiB, "
               f"unrendered (need helm): {', '.join(res.needs_helm) or '-'}")
+        upgrade = build.build(profile=build.DEFAULT_PROFILE, platform=PLATFORM / "idp-blueprint",
+                              mirror=PLATFORM / "mirror", out=work / "upgrade" / "idp-1.0.1.bundle", version="1.0.1",
+                              release=2, keys=[k.private], allow_unrendered=True)
         with (sim.testing.start_process(speed=args.speed) as site_a,
               sim.testing.start_process(speed=args.speed) as site_b):
             config = kit.write_config(work / "agent.yaml", state_dir=work / "state", trust_dir=work / "trust",
@@ -165,8 +235,8 @@ def main() -> int:
             doc["http"] = {"enabled": True, "port": 0}
             doc["install"].pop("default_gate_timeout_seconds")
             config.write_text(yaml.safe_dump(doc))
-            agent_s, rc, agent_peak, child_peak = run_measured([*AGENT, "--config", str(config), "bundle", "import",
-                                                    str(res.path), "--wait"], env)
+            agent_s, rc, install = run_measured([*AGENT, "--config", str(config), "bundle", "import",
+                                                 str(res.path), "--wait"], env)
             if rc != 0:
                 print(f"agent install failed (rc={rc})")
                 return 1
@@ -179,16 +249,25 @@ def main() -> int:
             engine_s = entries[-1]["ts"] - entries[0]["ts"]
             store.close()
             kube_s = float("nan") if args.no_baseline else baseline(site_b.kubeconfig, spec, work)
-            steady, peak_idle, cpu = idle(config, env, args.idle)
+            daemon = idle(config, env, args.idle, inbox_bundle=upgrade.path, state_dir=work / "state",
+                          inbox=work / "state" / "inbox")
         ratio = agent_s / kube_s
         print(f"agent install (import --wait, verify + plan + apply + gates + commit): {agent_s:.1f} s "
               f"(engine, prepare..commit: {engine_s:.1f} s)")
         print(f"kubectl apply --server-side, same objects and order, same gates:     {kube_s:.1f} s")
         print(f"ratio agent/kubectl: {ratio:.2f}x (target <= 0.5x)")
-        print(f"agent RSS: install process peak {agent_peak:.1f} MiB ({agent_peak / 64:.2f}x the 64 MiB target; "
-              f"one-shot renderer child: {child_peak:.1f} MiB, exits after rendering); daemon steady {steady:.1f} MiB "
-              f"({steady / 64:.2f}x), peak while idle {peak_idle:.1f} MiB")
-        print(f"daemon idle CPU: {cpu:.2f}% of one core over {args.idle:.0f} s ({cpu:.2f}x the 1% target)")
+        print(f"agent RSS (target <= 64 MiB): `bundle import --wait` process peak {install['agent']:.1f} MiB "
+              f"({install['agent'] / 64:.2f}x); its one-shot children (exit when done): verifier "
+              f"{install.get('verifier', 0):.1f} MiB, renderer {install.get('renderer', 0):.1f} MiB")
+        print(f"daemon supervising the bundle: steady {daemon['steady']:.1f} MiB ({daemon['steady'] / 64:.2f}x), "
+              f"peak while idle {daemon['peak_idle']:.1f} MiB")
+        print(f"daemon idle CPU: {daemon['cpu']:.2f}% of one core over {args.idle:.0f} s "
+              f"({daemon['cpu']:.2f}x the 1% target)")
+        print(f"daemon taking an upgrade from its inbox: peak {daemon['inbox_agent']:.1f} MiB "
+              f"({daemon['inbox_agent'] / 64:.2f}x; children: verifier {daemon.get('inbox_verifier', 0):.1f} MiB, "
+              f"renderer {daemon.get('inbox_renderer', 0):.1f} MiB); steady after it "
+              f"{daemon['steady_after_inbox']:.1f} MiB ({daemon['steady_after_inbox'] / 64:.2f}x), "
+              f"idle CPU {daemon['cpu_after_inbox']:.2f}% over {args.idle / 2:.0f} s")
         print(f"(bench process itself: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,8 +17,9 @@ Prints the ratio (target <= 0.5x), the absolute times, the agent's peak and stea
 
     .venv/bin/python bench/agent_install.py [--speed 20] [--idle 90] [--env KEY=VALUE]
 
-The agent processes get the ``Environment=`` lines of systemd/edgefleet-agent.service (as on a
-node); ``--env`` overrides them, to compare settings in the same session.
+The daemon gets the ``Environment=`` lines of systemd/edgefleet-agent.service (as on a node;
+``bundle import --wait`` runs with the bench's own environment, as from an operator's shell);
+``--env`` sets variables for both, after the unit's, to compare settings in the same session.
 """
 
 from __future__ import annotations
@@ -210,13 +211,16 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of idle supervision to measure")
     parser.add_argument("--no-baseline", action="store_true", help="skip kubectl (development only: no ratio)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="set for the agent after the unit's Environment= (compare e.g. PYTHONMALLOC=pymalloc)")
+                        help="set for the agent processes, after the unit's Environment= (e.g. PYTHONMALLOC=pymalloc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-install-"))
-    agent_env = {**unit_environment(), **dict(item.partition("=")[::2] for item in args.env)}
-    env = {**os.environ, **agent_env, "PYTHONPATH": str(ROOT)}
+    overrides = dict(item.partition("=")[::2] for item in args.env)
+    env = {**os.environ, **overrides, "PYTHONPATH": str(ROOT)}
     env.pop("EDGEFLEET_FAILPOINT", None)
-    print(f"agent environment (systemd/edgefleet-agent.service Environment=, then --env): {agent_env}")
+    # The daemon runs as its unit does on a node; `bundle import --wait` as an operator's shell would.
+    daemon_env = {**env, **unit_environment(), **overrides}
+    print(f"daemon environment (systemd/edgefleet-agent.service Environment=, then --env): "
+          f"{ {**unit_environment(), **overrides} }; `bundle import --wait`: --env only: {overrides}")
     try:
         k = kit.make_trust(work / "trust")
         res = build.build(profile=build.DEFAULT_PROFILE, platform=PLATFORM / "idp-blueprint",
@@ -249,7 +253,7 @@ def main() -> int:
             engine_s = entries[-1]["ts"] - entries[0]["ts"]
             store.close()
             kube_s = float("nan") if args.no_baseline else baseline(site_b.kubeconfig, spec, work)
-            daemon = idle(config, env, args.idle, inbox_bundle=upgrade.path, state_dir=work / "state",
+            daemon = idle(config, daemon_env, args.idle, inbox_bundle=upgrade.path, state_dir=work / "state",
                           inbox=work / "state" / "inbox")
         ratio = agent_s / kube_s
         print(f"agent install (import --wait, verify + plan + apply + gates + commit): {agent_s:.1f} s "

@@ -147,14 +147,46 @@ def check_window(command: protocol.Command, *, now: datetime, skew: float, max_l
 # --- admission (stateful) --------------------------------------------------------------------------------------
 
 
-def admit(ctx: AgentContext, payload: bytes, *, now: datetime | None = None) -> protocol.Command | None:
+#: Signature checks (child processes) allowed in a burst, and the refill: commands are rare, a broker
+#: flooding the topic with signed-looking junk must not make the agent fork without bound.
+VERIFY_BURST = 20
+VERIFY_REFILL_SECONDS = 3.0
+_verify_budget: weakref.WeakKeyDictionary[StateStore, list[float]] = weakref.WeakKeyDictionary()
+
+
+async def receive(ctx: AgentContext, payload: bytes) -> protocol.Command | None:
+    """:func:`admit` for the link: the signature check (a child process, ~0.1 s) runs off the event
+    loop, within a budget of checks per time (over it, the message is rejected as ``rate-limited``)."""
+    tokens, stamp = _verify_budget.get(ctx.store, [float(VERIFY_BURST), time.monotonic()])
+    now = time.monotonic()
+    tokens = min(float(VERIFY_BURST), tokens + (now - stamp) / VERIFY_REFILL_SECONDS)
+    if tokens < 1:
+        _verify_budget[ctx.store] = [tokens, now]
+        setup(ctx.store)
+        _report_rejection(ctx, Rejected("rate-limited", "too many messages on the commands topic: not checked",
+                                        claimed_cmd_id=_claimed_cmd_id(payload)), payload)
+        return None
+    _verify_budget[ctx.store] = [tokens - 1, now]
+    try:
+        verified = await asyncio.to_thread(verify, payload, trust_dir=ctx.config.trust_dir, site=ctx.site)
+    except Rejected as exc:
+        setup(ctx.store)
+        _report_rejection(ctx, exc, payload)
+        return None
+    return admit(ctx, payload, verified=verified)
+
+
+def admit(
+    ctx: AgentContext, payload: bytes, *, now: datetime | None = None, verified: protocol.Command | None = None
+) -> protocol.Command | None:
     """Decide about one message from the commands topic. Returns the command to execute, or
-    None when it was a duplicate (reply re-sent) or rejected (reported)."""
+    None when it was a duplicate (reply re-sent) or rejected (reported). ``verified``: the result of
+    :func:`verify` for this payload, when the caller ran it already (see :func:`receive`)."""
     setup(ctx.store)
     cfg = ctx.config.link
     now = now or datetime.now(UTC)
     try:
-        command = verify(payload, trust_dir=ctx.config.trust_dir, site=ctx.site)
+        command = verified or verify(payload, trust_dir=ctx.config.trust_dir, site=ctx.site)
         with ctx.store.transaction() as db:
             row = db.execute("SELECT reply FROM commands WHERE cmd_id=?", (command.cmd_id,)).fetchone()
             if row is not None:

@@ -362,7 +362,7 @@ async def _receive(ctx: AgentContext, client: aiomqtt.Client, *, running: set[as
         data = payload if isinstance(payload, bytes) else bytes(payload) if isinstance(payload, bytearray) else (
             str(payload).encode()
         )
-        command = commands.admit(ctx, data)
+        command = await commands.receive(ctx, data)
         if command is not None:
             # Commands outlive the connection that brought them (an install may take minutes).
             task = asyncio.create_task(commands.execute(ctx, command), name=f"command-{command.cmd_id}")

@@ -287,3 +287,32 @@ async def test_commands_end_to_end_through_mosquitto(broker: Broker, make_agent:
     assert [r["status"] for r in rows] == ["accepted"]  # executed once
     rejected = [e for e in collector.events() if e.type == commands.REJECTED_EVENT]
     assert len(rejected) == 1 and rejected[0].data["reason"] == "forged"
+
+
+async def test_a_flood_on_the_commands_topic_is_checked_within_a_budget(
+    agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each signature check is a child process, so the link checks at most a burst, then a trickle:
+    a broker flooding the topic gets ``rate-limited`` rejections, not a fork per message; the
+    checks run off the event loop, and a valid command within the budget still runs."""
+    from agent import verifyproc
+
+    monkeypatch.setattr(commands, "VERIFY_BURST", 3)
+    monkeypatch.setattr(commands, "VERIFY_REFILL_SECONDS", 3600.0)
+    spawned = []
+    real_run = verifyproc.run
+
+    def counting_run(request: dict[str, Any]) -> dict[str, Any]:
+        spawned.append(request["op"])
+        return real_run(request)
+
+    monkeypatch.setattr(verifyproc, "run", counting_run)
+    ctx = agent.ctx
+    forged = sign(agent, seq=1, name=protocol.CommandName.SNAPSHOT_NOW, key=Ed25519PrivateKey.generate())
+    before = commands.COMMANDS.labels(outcome="rejected-rate-limited")._value.get()
+    valid = await commands.receive(ctx, sign(agent, seq=2, name=protocol.CommandName.REPORT_NOW))
+    assert valid is not None and valid.seq == 2
+    results = [await commands.receive(ctx, forged) for _ in range(10)]
+    assert results == [None] * 10
+    assert len(spawned) == 3  # the valid one and two forged; the other eight were not checked
+    assert commands.COMMANDS.labels(outcome="rejected-rate-limited")._value.get() - before == 8

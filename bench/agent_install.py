@@ -151,7 +151,7 @@ def _dag_order(units: list[model.Unit]) -> list[model.Unit]:
     return done
 
 
-def _steady(p: psutil.Process, seconds: float) -> tuple[float, float]:
+def steady_usage(p: psutil.Process, seconds: float) -> tuple[float, float]:
     """(median RSS MiB, CPU % of one core) of ``p`` over ``seconds``, sampled every second."""
     c0, t0 = p.cpu_times(), time.perf_counter()
     samples = []
@@ -178,7 +178,7 @@ def idle(config: Path, env: dict[str, str], seconds: float, *, inbox_bundle: Pat
         p = psutil.Process(proc.pid)
         time.sleep(75)
         out: dict[str, float] = {}
-        out["steady"], out["cpu"] = _steady(p, seconds)
+        out["steady"], out["cpu"] = steady_usage(p, seconds)
         out["peak_idle"] = getattr(p.memory_full_info(), "rss", 0) / 2**20
         store = StateStore.open(state_dir)
         try:
@@ -198,7 +198,7 @@ def idle(config: Path, env: dict[str, str], seconds: float, *, inbox_bundle: Pat
             store.close()
         out.update({f"inbox_{k}": v for k, v in peaks.items()})
         time.sleep(75)
-        out["steady_after_inbox"], out["cpu_after_inbox"] = _steady(p, seconds / 2)
+        out["steady_after_inbox"], out["cpu_after_inbox"] = steady_usage(p, seconds / 2)
         return out
     finally:
         proc.terminate()

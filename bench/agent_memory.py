@@ -119,16 +119,12 @@ def idle(seconds: float) -> tuple[float, float]:
         try:
             p = psutil.Process(proc.pid)
             time.sleep(20)
-            c0, t0 = p.cpu_times(), time.perf_counter()
-            samples = []
-            while time.perf_counter() - t0 < seconds:
-                samples.append(p.memory_info().rss / 2**20)
-                time.sleep(1)
-            c1, t1 = p.cpu_times(), time.perf_counter()
+            from agent_install import steady_usage  # bench/ is on sys.path: this script's directory
+
+            rss, cpu = steady_usage(p, seconds)
             if proc.poll() is not None:
                 raise SystemExit(f"daemon exited early (rc={proc.returncode})")
-            cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0) * 100
-            return sorted(samples)[len(samples) // 2], cpu
+            return rss, cpu
         finally:
             proc.terminate()
             proc.wait(20)

@@ -157,16 +157,11 @@ _verify_budget: weakref.WeakKeyDictionary[StateStore, list[float]] = weakref.Wea
 async def receive(ctx: AgentContext, payload: bytes) -> protocol.Command | None:
     """:func:`admit` for the link: the signature check (a child process, ~0.1 s) runs off the event
     loop, within a budget of checks per time (over it, the message is rejected as ``rate-limited``)."""
-    tokens, stamp = _verify_budget.get(ctx.store, [float(VERIFY_BURST), time.monotonic()])
-    now = time.monotonic()
-    tokens = min(float(VERIFY_BURST), tokens + (now - stamp) / VERIFY_REFILL_SECONDS)
-    if tokens < 1:
-        _verify_budget[ctx.store] = [tokens, now]
+    if not _spend(_verify_budget, ctx.store, burst=VERIFY_BURST, refill_seconds=VERIFY_REFILL_SECONDS):
         setup(ctx.store)
         _report_rejection(ctx, Rejected("rate-limited", "too many messages on the commands topic: not checked",
                                         claimed_cmd_id=_claimed_cmd_id(payload)), payload)
         return None
-    _verify_budget[ctx.store] = [tokens - 1, now]
     try:
         verified = await asyncio.to_thread(verify, payload, trust_dir=ctx.config.trust_dir, site=ctx.site)
     except Rejected as exc:
@@ -223,19 +218,30 @@ def _prune(ctx: AgentContext, *, now: float) -> None:
 
 
 _reject_budget: weakref.WeakKeyDictionary[StateStore, list[float]] = weakref.WeakKeyDictionary()
+_reject_suppressed: weakref.WeakKeyDictionary[StateStore, int] = weakref.WeakKeyDictionary()
+
+
+def _spend(
+    budgets: weakref.WeakKeyDictionary[StateStore, list[float]], store: StateStore, *, burst: int,
+    refill_seconds: float,
+) -> bool:
+    """Take a token from ``store``'s bucket (``burst`` tokens, one back per ``refill_seconds``); False if empty."""
+    tokens, stamp = budgets.get(store, [float(burst), time.monotonic()])
+    now = time.monotonic()
+    tokens = min(float(burst), tokens + (now - stamp) / refill_seconds)
+    ok = tokens >= 1
+    budgets[store] = [tokens - 1 if ok else tokens, now]
+    return ok
 
 
 def _report_rejection(ctx: AgentContext, exc: Rejected, payload: bytes) -> None:
     COMMANDS.labels(outcome=f"rejected-{exc.reason}").inc()
     log.warning("command rejected", reason=exc.reason, detail=exc.detail)
     # Token bucket per store: a hostile broker replaying garbage must not evict real events from the outbox.
-    tokens, stamp, suppressed = _reject_budget.get(ctx.store, [float(REJECT_BURST), time.monotonic(), 0.0])
-    now = time.monotonic()
-    tokens = min(float(REJECT_BURST), tokens + (now - stamp) / REJECT_REFILL_SECONDS)
-    if tokens < 1:
-        _reject_budget[ctx.store] = [tokens, now, suppressed + 1]
+    if not _spend(_reject_budget, ctx.store, burst=REJECT_BURST, refill_seconds=REJECT_REFILL_SECONDS):
+        _reject_suppressed[ctx.store] = _reject_suppressed.get(ctx.store, 0) + 1
         return
-    _reject_budget[ctx.store] = [tokens - 1, now, 0.0]
+    suppressed = _reject_suppressed.pop(ctx.store, 0)
     command = exc.command
     cmd_id = command.cmd_id if command else exc.claimed_cmd_id
     data: dict[str, Any] = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,17 @@ def idp_kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
 
 
 @pytest.fixture(scope="module")
-def idp(platform: Path, idp_kit: Kit) -> tuple[build.BuildResult, float]:
-    t = time.perf_counter()
-    result = build.build(
+def idp(platform: Path, idp_kit: Kit) -> build.BuildResult:
+    return build.build(
         profile=build.DEFAULT_PROFILE, platform=platform / "idp-blueprint", mirror=platform / "mirror",
         out=idp_kit.tmp / "idp.efb", version="1.0.0", release=1, keys=idp_kit.release_keys[:2],
         allow_unrendered=True,
     )
-    return result, time.perf_counter() - t
 
 
-def test_idp_bundle_layers_tiers_and_helm(idp: tuple[build.BuildResult, float]) -> None:
-    result, seconds = idp
-    m = result.manifest
-    assert seconds < 60
-    assert set(result.needs_helm) == NEEDS_HELM
+def test_idp_bundle_layers_tiers_and_helm(idp: build.BuildResult) -> None:
+    m = idp.manifest
+    assert set(idp.needs_helm) == NEEDS_HELM
     for layer, names in LAYERS.items():
         assert {c.name for c in m.components if c.layer == layer} == names
     for tier, names in TIERS.items():
@@ -67,8 +62,8 @@ def test_idp_bundle_layers_tiers_and_helm(idp: tuple[build.BuildResult, float]) 
     assert [c.layer for c in m.install_order()] == sorted(c.layer for c in m.components)
 
 
-def test_idp_bundle_picks_installable_files(idp: tuple[build.BuildResult, float]) -> None:
-    m = idp[0].manifest
+def test_idp_bundle_picks_installable_files(idp: build.BuildResult) -> None:
+    m = idp.manifest
     names = [f.path for f in m.files]
     assert not any("sonarqube" in p or "fluent-bit" in p or "namespace-install" in p for p in names)
     assert any(p.endswith("-install.yaml") for p in m.component("argo-cd").files)
@@ -85,9 +80,9 @@ def test_idp_bundle_picks_installable_files(idp: tuple[build.BuildResult, float]
     assert any(i.startswith("quay.io/argoproj/argocd:") for i in m.component("argo-cd").images)
 
 
-def test_idp_bundle_stages_and_every_object_parses(idp: tuple[build.BuildResult, float], idp_kit: Kit,
+def test_idp_bundle_stages_and_every_object_parses(idp: build.BuildResult, idp_kit: Kit,
                                                    tmp_path: Path) -> None:
-    result = idp[0]
+    result = idp
     with pytest.raises(errors.UnknownKey):  # another site's root
         verify.verify_only(result.path, root=Kit(tmp_path).root)
     staged = verify.verify_and_stage(result.path, root=idp_kit.root, store_dir=idp_kit.store,
@@ -123,9 +118,9 @@ def test_build_without_mirror_names_the_component(platform: Path, tmp_path: Path
                     out=tmp_path / "x.efb", version="1.0.0", release=1, allow_unrendered=True)
 
 
-def test_gateway_excludes_cilium_objects(idp: tuple[build.BuildResult, float], idp_kit: Kit) -> None:
-    m = idp[0].manifest
-    staged = verify.verify_and_stage(idp[0].path, root=idp_kit.root, store_dir=idp_kit.tmp / "gw-store")
+def test_gateway_excludes_cilium_objects(idp: build.BuildResult, idp_kit: Kit) -> None:
+    m = idp.manifest
+    staged = verify.verify_and_stage(idp.path, root=idp_kit.root, store_dir=idp_kit.tmp / "gw-store")
     kinds = {o["kind"] for o in content.load_objects(staged.path, m.component("gateway-api"))}
     assert {"CustomResourceDefinition", "Gateway", "HTTPRoute", "Certificate"} <= kinds
     assert not {k for k in kinds if k.startswith("Cilium")}

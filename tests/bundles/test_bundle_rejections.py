@@ -138,6 +138,51 @@ def test_manifest_not_first(kit: Kit) -> None:
     rejects(kit, kit.raw([members[1], members[0], members[2]]), errors.EnvelopeInvalid)
 
 
+
+def test_root_chain_over_its_byte_cap(kit: Kit) -> None:
+    """The chain member's size is capped before it is read, like the envelope's."""
+    from conftest import link
+
+    g2 = [keys.generate() for _ in range(3)]
+    path = kit.bundle(signers=g2[:2], chain=[link(kit.release_keys, g2, version=2)])
+    rejects(kit, path, errors.ChainTooLong, limits=verify.Limits(max_chain_bytes=256))
+
+
+# --- verification order: a bundle wrong in several ways fails at the earliest step -------------------
+
+
+def test_order_signatures_before_expiry_compatibility_and_rollback(kit: Kit) -> None:
+    stranger = keys.generate()
+    path = kit.bundle(signers=[stranger])
+    rejects(kit, path, errors.UnknownKey, now=NOW + dt.timedelta(days=31), min_release=99, arch="riscv64")
+
+
+def test_order_envelope_cap_before_signatures(kit: Kit) -> None:
+    members = kit.members()
+    members[0] = (container.ENVELOPE_NAME, members[0][1] + b" " * 5000)
+    rejects(kit, kit.raw(members), errors.EnvelopeTooLarge, limits=verify.Limits(max_envelope_bytes=4096),
+            min_release=99)
+
+
+def test_order_expiry_then_compatibility_then_rollback(kit: Kit) -> None:
+    path = kit.bundle()
+    late = NOW + dt.timedelta(days=31)
+    rejects(kit, path, errors.Expired, now=late, arch="riscv64", min_release=99)
+    rejects(kit, path, errors.Incompatible, arch="riscv64", min_release=99, min_created=late)
+    rejects(kit, path, errors.ReleaseRollback, min_release=99, min_created=late)
+
+
+def test_order_rollback_and_compression_before_any_payload_byte(kit: Kit) -> None:
+    """Policy is decided on the signed manifest alone: a damaged payload is never even read."""
+    members = kit.members()
+    name, data = members[2]
+    members[2] = (name, data[:-1] + b"!")
+    tampered = kit.raw(members)
+    rejects(kit, tampered, errors.ReleaseRollback, min_release=99)
+    rejects(kit, kit.raw(members, compression="none"), errors.WrongCompression)
+    rejects(kit, tampered, errors.CapExceeded, limits=verify.Limits(max_files=1))
+    rejects(kit, tampered, errors.DigestMismatch)
+
 # --- container shape ---------------------------------------------------------------------------------
 
 

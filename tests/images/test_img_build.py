@@ -149,3 +149,68 @@ def test_idp_profile_names_its_custom_resource_images(tmp_path: Path, platform: 
         bundle_images.add_images(rendered.components, rendered.sources, fields=prof.image_fields,
                                  options=bundle_images.Options(source=f"oci:{empty}", arches=("amd64",)),
                                  work=tmp_path / "_images")
+
+
+
+def _crd(group: str, kind: str) -> dict[str, object]:
+    plural = kind.lower() + "s"
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{group}"},
+            "spec": {"group": group, "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def _obj(api: str, kind: str, name: str, **body: object) -> dict[str, object]:
+    return {"apiVersion": api, "kind": kind, "metadata": {"name": name, "namespace": "demo"}, **body}
+
+
+def test_images_collected_from_every_pod_template_kind_and_named_cr_fields(tmp_path: Path) -> None:
+    """Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and Pods (containers, init and ephemeral
+    containers), plus the custom-resource fields the profile names; nothing else that looks like an image."""
+    import yaml
+
+    from bundles import build
+
+    def pod(image: str, **extra: object) -> dict[str, object]:
+        return {"containers": [{"name": "c", "image": image}], **extra}
+
+    sel = {"selector": {"matchLabels": {"app": "x"}}}
+    tmpl = {"metadata": {"labels": {"app": "x"}}}
+    once = {"restartPolicy": "Never"}
+    objects = [
+        _obj("apps/v1", "Deployment", "d", spec={**sel, "template": {**tmpl, "spec": pod(
+            "deploy:1", initContainers=[{"name": "i", "image": "init:1"}])}}),
+        _obj("apps/v1", "StatefulSet", "s", spec={**sel, "serviceName": "s",
+                                                  "template": {**tmpl, "spec": pod("sts:1")}}),
+        _obj("apps/v1", "DaemonSet", "ds", spec={**sel, "template": {**tmpl, "spec": pod("ds:1")}}),
+        _obj("batch/v1", "Job", "j", spec={"template": {"spec": pod("job:1", **once)}}),
+        _obj("batch/v1", "CronJob", "cj", spec={"schedule": "* * * * *", "jobTemplate": {"spec": {
+            "template": {"spec": pod("cron:1", **once)}}}}),
+        _obj("v1", "Pod", "p", spec=pod("pod:1", ephemeralContainers=[{"name": "e", "image": "debug:1"}])),
+        _obj("v1", "ConfigMap", "cm", data={"image": "not-an-image:1"}),
+        _obj("example.io/v1", "Widget", "w", spec={"image": "named-field:1", "other": {"image": "unnamed:1"}}),
+        _obj("other.io/v1", "Gadget", "g", spec={"image": "wrong-group:1"}),
+    ]
+    doc = {
+        "name": "kinds", "tiers": {1: {}},
+        "imageFields": [{"kind": "Widget", "group": "example.io", "path": "spec.image"},
+                        {"kind": "Gadget", "group": "example.io", "path": "spec.image"}],
+        "components": [
+            {"name": "base", "layer": 0, "tier": 1, "sources": [{"inline": "base.yaml", "objects": [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+                _crd("example.io", "Widget"), _crd("other.io", "Gadget")]}]},
+            {"name": "kinds", "layer": 1, "tier": 1, "namespace": "demo", "dependsOn": ["base"],
+             "sources": [{"inline": "kinds.yaml", "objects": objects}]},
+        ],
+    }
+    prof_path = tmp_path / "kinds.yaml"
+    prof_path.write_text(yaml.safe_dump(doc))
+    prof = build.load_profile(prof_path)
+    rendered = build.render(prof, platform=tmp_path, mirror=None, work=tmp_path / "w")
+    comp = next(c for c in rendered.components if c.name == "kinds")
+    assert set(comp.images) == {"deploy:1", "init:1", "sts:1", "ds:1", "job:1", "cron:1", "pod:1", "debug:1"}
+    refs = bundle_images.referenced(rendered.components, rendered.sources, prof.image_fields)
+    assert set(refs) == set(comp.images) | {"named-field:1"}
+    assert refs["named-field:1"] == ["kinds"]

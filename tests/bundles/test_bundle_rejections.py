@@ -327,6 +327,18 @@ def test_every_error_class_has_a_distinct_exit_code() -> None:
     assert len(set(reasons)) == len(reasons)
 
 
+def test_every_exit_code_is_documented() -> None:
+    """docs/bundle-format.md's table is the operator's contract: each class with its code, nothing stale."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bundle-format.md").read_text()
+    table = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {(int(code), reason) for code, reason in re.findall(r"\|\s*(\d+)\s*\|\s*([a-z-]+)", table)}
+    classes = {(c.exit_code, c.reason) for c in errors.ALL}
+    assert classes - documented == set(), "undocumented"
+    assert {(c, r) for c, r in documented if c >= 10} - classes == set(), "documented but not a class"
+
+
 def test_checks_run_before_any_payload_is_staged(kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
     """Policy failures happen before the staging directory even exists."""
     created: list[str] = []

@@ -1,14 +1,16 @@
-"""Container images of a bundle: record what each component runs, load archives when shipped.
+"""Container images of a bundle: the installer's hook (``load_for``, run in the plan's ``prepare`` step).
 
-An air-gapped site cannot pull, so a bundle may carry image archives (``payload/images/*.tar``
-or ``*.tar.zst``, OCI or docker-archive). A loader makes them available to the container
-runtime *before* the components that need them are applied. The interface is one async
-function, so a registry loader (a later issue) slots in next to these:
+``load_for`` records what each component runs (``images.<bundle>`` in the store), then makes the
+images available to the cluster *before* any component is applied:
 
-* ``none``: records the image references only (the sim; sites with a reachable registry);
-* ``k3s-airgap``: copies archives into k3s' air-gap directory
-  (``/var/lib/rancher/k3s/agent/images``, picked up by k3s at start) and, when ``k3s`` or
-  ``ctr`` is on PATH, imports them into containerd's ``k8s.io`` namespace right away.
+* a bundle carrying an OCI image layout (``payload/images/edgefleet-images.json``), or the
+  ``registry`` loader, goes through :mod:`agent.imageload` (push + verify by digest, or k3s
+  archives; then every referenced image must be available, else ``ImageLoadError`` names it);
+* otherwise plain image archives the bundle ships (``payload/images/*.tar``, ``*.tar.zst``,
+  ``*.tar.gz``) go to the configured loader below: ``none`` records the references only (the
+  sim); ``k3s-airgap`` copies them into k3s' air-gap directory
+  (``/var/lib/rancher/k3s/agent/images``, picked up by k3s at start) and, when ``k3s`` or ``ctr``
+  is on PATH, imports them into containerd's ``k8s.io`` namespace right away.
 
 Copies are atomic (temp file + rename), and an archive already present with the same size is
 not copied again, so a resumed install does not redo gigabytes of work.

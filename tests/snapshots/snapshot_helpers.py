@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agent import outbox
 from agent.context import AgentContext
@@ -42,3 +47,30 @@ def put_random(node: devetcd.Node, megabytes: int) -> None:
             }
         ).encode()
         urllib.request.urlopen(urllib.request.Request(f"{node.url}/v3/kv/put", data=body), timeout=30).read()
+
+
+async def agent_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_config(tmp_path: Path, endpoint: str, **snapshots: object) -> Path:
+    path = tmp_path / "agent.yaml"
+    doc = {
+        "site_id": "store-17",
+        "state_dir": str(tmp_path / "state"),
+        "snapshots": {"preset": "custom", "endpoint": endpoint, "min_free_bytes": 0, **snapshots},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path

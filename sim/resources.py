@@ -33,6 +33,9 @@ class Resource:
     singular: str = ""
     custom: bool = False
     list_kind: str = ""
+    #: A CRD version's ``selectableFields`` (field labels without the leading dot): the field selectors its
+    #: custom resources accept besides metadata.name/namespace (GA in 1.32).
+    selectable_fields: tuple[str, ...] = ()
 
     @property
     def storage_key(self) -> tuple[str, str]:
@@ -246,6 +249,8 @@ def crd_resources(crd: dict[str, Any]) -> list[Resource]:
                 singular=names.get("singular") or "",
                 custom=True,
                 list_kind=names.get("listKind") or "",
+                selectable_fields=tuple(str(f["jsonPath"]).lstrip(".") for f in ver.get("selectableFields") or []
+                                        if isinstance(f, dict) and f.get("jsonPath")),
             )
         )
     return out

@@ -121,6 +121,7 @@ _KIND_FIELDS: dict[str, tuple[str, ...]] = {
               "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
               "reason", "reportingComponent", "source", "type"),
     "Secret": ("type",),
+    "Service": ("spec.clusterIP", "spec.type"),  # since 1.31 (kube-proxy selects spec.clusterIP!=None)
     "Namespace": ("status.phase",),
     "ReplicaSet": ("status.replicas",),
     "Job": ("status.successful",),
@@ -134,10 +135,13 @@ class FieldReq:
     negate: bool
 
 
-def parse_fields(expr: str | None, kind: str) -> list[FieldReq]:
+def parse_fields(expr: str | None, kind: str, *, custom: bool = False, selectable: tuple[str, ...] = ()
+                 ) -> list[FieldReq]:
+    """Parse ``a=b,c!=d``. Built-in kinds allow their own fields; a custom resource (whose kind may well be
+    called ``Job`` or ``Service``) allows only its CRD version's ``selectableFields``."""
     if not expr:
         return []
-    allowed = _COMMON_FIELDS + _KIND_FIELDS.get(kind, ())
+    allowed = _COMMON_FIELDS + (selectable if custom else _KIND_FIELDS.get(kind, ()))
     out = []
     for raw in expr.split(","):
         part = raw.strip()

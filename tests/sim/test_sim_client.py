@@ -98,6 +98,49 @@ async def test_list_selectors_and_pagination() -> None:
         assert len(nodes.items) == 3 and running.items == []
 
 
+async def test_field_selectors_of_services_and_custom_resources() -> None:
+    """Services select on spec.type/spec.clusterIP (1.31+: kube-proxy lists ``spec.clusterIP!=None``); custom
+    resources only on metadata.* and their CRD version's ``selectableFields`` (GA in 1.32), whatever their kind."""
+    async with sim.testing.running(speed=50) as site, await _api(site) as api:
+        core = client.CoreV1Api(api)
+        await core.create_namespaced_service("default", {"metadata": {"name": "headless"},
+                                                         "spec": {"clusterIP": "None", "ports": [{"port": 1}]}})
+        await core.create_namespaced_service("default", {"metadata": {"name": "np"},
+                                                         "spec": {"type": "NodePort", "ports": [{"port": 2}]}})
+        names = await core.list_namespaced_service("default", field_selector="spec.clusterIP!=None")
+        assert sorted(s.metadata.name for s in names.items) == ["kubernetes", "np"]
+        names = await core.list_service_for_all_namespaces(field_selector="spec.type=NodePort")
+        assert [s.metadata.name for s in names.items] == ["np"]
+        with pytest.raises(ApiException) as exc:
+            await core.list_namespaced_service("default", field_selector="spec.ports=1")
+        assert exc.value.status == 400 and "field label not supported: spec.ports" in exc.value.body
+        crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+               "metadata": {"name": "jobs.example.com"},
+               "spec": {"group": "example.com", "scope": "Namespaced",
+                        "names": {"plural": "jobs", "singular": "job", "kind": "Job"},
+                        "versions": [{"name": "v1", "served": True, "storage": True,
+                                      "schema": {"openAPIV3Schema": {"type": "object",
+                                                                     "x-kubernetes-preserve-unknown-fields": True}},
+                                      "selectableFields": [{"jsonPath": ".spec.color"}]}]}}
+        dyn = await DynamicClient(api)
+        crds = await dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+        await crds.server_side_apply(body=crd, field_manager="test")
+        await _until(lambda: _eq(_status(site, "/apis/example.com/v1/jobs"), 200))
+        base = site.url + "/apis/example.com/v1/namespaces/default/jobs"
+        async with aiohttp.ClientSession() as s:
+            for name, color in (("a", "red"), ("b", "blue")):
+                async with s.post(base, json={"apiVersion": "example.com/v1", "kind": "Job",
+                                              "metadata": {"name": name}, "spec": {"color": color}}) as resp:
+                    assert resp.status == 201
+            async with s.get(base, params={"fieldSelector": "spec.color=red"}) as resp:
+                assert [o["metadata"]["name"] for o in (await resp.json())["items"]] == ["a"]
+            async with s.get(base, params={"fieldSelector": "metadata.name!=a"}) as resp:
+                assert [o["metadata"]["name"] for o in (await resp.json())["items"]] == ["b"]
+            # a built-in Job's field is no field of this custom "Job"
+            async with s.get(base, params={"fieldSelector": "status.successful=1"}) as resp:
+                assert resp.status == 400 and (await resp.json())["reason"] == "BadRequest"
+
+
 async def test_watch_resume_after_410_and_bookmarks() -> None:
     async with sim.testing.running(speed=50) as site, await _api(site) as api:
         core = client.CoreV1Api(api)

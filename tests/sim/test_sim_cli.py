@@ -45,6 +45,16 @@ def test_tls_token_kubectl_and_admin_cli(tmp_path: Path) -> None:
         while "NotReady" in k("get", "node", "agent-0"):
             assert time.monotonic() < deadline, "agent-0 never came back"
             time.sleep(0.1)
+        out = _cli("node", "partition", "agent-1", "--kubeconfig", str(site.kubeconfig))
+        assert out.returncode == 0 and out.stdout.strip() == "node agent-1: partitioned"
+        deadline = time.monotonic() + 15
+        while "NotReady" not in k("get", "node", "agent-1"):
+            assert time.monotonic() < deadline, "agent-1 never turned NotReady"
+            time.sleep(0.1)
+        state = json.loads(urllib.request.urlopen(urllib.request.Request(  # noqa: S310
+            site.url + "/sim/state", headers={"Authorization": "Bearer s3cret"}), context=ctx, timeout=5).read())
+        assert state["nodes"]["agent-1"]["state"] == "partitioned" and state["nodes"]["agent-0"]["state"] == "up"
+        assert _cli("node", "restore", "agent-1", "--kubeconfig", str(site.kubeconfig)).returncode == 0
         bad = _cli("node", "fail", "agent-9", "--kubeconfig", str(site.kubeconfig))
         assert bad.returncode == cli.EXIT_ADMIN and 'nodes "agent-9" not found' in bad.stderr
         # a wrong token is refused by the admin endpoint too

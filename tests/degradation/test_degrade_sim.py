@@ -12,6 +12,7 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,15 @@ async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: P
         assert not any(ORIGINAL_REPLICAS_ANNOTATION in (o["metadata"].get("annotations") or {}) for o in objs.values())
         await h.eventually(lambda: _all_running(api), timeout=20, what="every original replica Running again")
         # Restored in reverse tier order: every tier-3 restore before any tier-4 restore.
-        restored = [e["data"]["tier"] for e in h.events(ctx.store, "degradation.restored")]
+        restored_events = h.events(ctx.store, "degradation.restored")
+        restored = [e["data"]["tier"] for e in restored_events]
         assert restored and restored == sorted(restored) and set(restored) == {3, 4}
+        # Staggered: tier 4 starts restore_stagger_seconds (10 s → 1 s) after tier 3, not on the next tick
+        # (0.1 s). A lower bound only (a loaded machine can only stretch it); 0.8 leaves room for the jitter
+        # of the scale calls made between a tick's start and its first event.
+        first = {tier: min(datetime.fromisoformat(e["ts"]) for e in restored_events if e["data"]["tier"] == tier)
+                 for tier in (3, 4)}  # fmt: skip
+        assert (first[4] - first[3]).total_seconds() >= 0.8 * ctx.config.degradation.restore_stagger_seconds
         assert _transitions(ctx) == [("green", "red"), ("red", "green")]
 
 

@@ -144,3 +144,33 @@ def test_overview_counts_stale_sites_as_stale_and_keeps_their_last_state(tmp_pat
         assert data.site_page(ctx, "nobody") is None
     finally:
         store.close()
+
+
+async def test_pages_and_assets_are_all_served_by_the_hub(tmp_path: Path) -> None:
+    """Offline: the pages reference only the hub's own paths, every referenced asset is served, and no
+    asset names an outside URL (the SVG namespace is an identifier, never fetched)."""
+    import re
+
+    from hub.dashboard import router
+
+    store = open_store(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        ctx = HubContext(config=hub_config.HubConfig(data_dir=tmp_path), store=store)
+        transport = httpx.ASGITransport(app=api.create_app(ctx))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as c:
+            referenced: set[str] = set()
+            for page in ("/dashboard/", "/dashboard/sites/site-1"):
+                r = await c.get(page)
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+                assert "default-src 'self'" in r.headers["content-security-policy"]
+                refs = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+                assert refs and all(ref.startswith("/") and not ref.startswith("//") for ref in refs), refs
+                referenced.update(refs)
+            for ref in sorted(referenced):
+                assert (await c.get(ref)).status_code == 200, ref
+        assert {"/dashboard/static/app.js", "/dashboard/static/style.css"} <= referenced
+        for asset in sorted(router.STATIC_DIR.iterdir()):
+            text = asset.read_text(encoding="utf-8").replace("http://www.w3.org/2000/svg", "")
+            assert not re.search(r"(?:https?:)?//[\w-]+\.[\w.-]+", text), f"{asset.name} names an outside URL"
+    finally:
+        store.close()

@@ -88,6 +88,9 @@ async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
 
                 async with browser() as b:
                     page = await b.new_page(viewport={"width": 1400, "height": 800})
+                    # Offline: every request the pages make (documents, script, style, data, stream) goes to the hub.
+                    requested: list[str] = []
+                    page.on("request", lambda r: requested.append(r.url))
                     await page.goto(f"{hub.api_url}/dashboard/")
                     await page.wait_for_selector("#live.on")
                     await page.wait_for_selector("#sites tbody tr[data-site='store-c']")
@@ -106,6 +109,17 @@ async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
                     await page.fill("#filter", "store-b")
                     assert await page.eval_on_selector_all("#sites tbody tr", "r => r.length") == 1
                     await page.fill("#filter", "")
+
+                    # Sort: by state first (yellow before green), then by a clicked column, twice to reverse.
+                    async def order() -> list[str]:
+                        return await page.eval_on_selector_all("#sites tbody tr", "r => r.map(x => x.dataset.site)")
+
+                    assert (await order())[0] == "store-c"
+                    await page.click("#sites th[data-sort='site']")
+                    assert await order() == ["store-a", "store-b", "store-c"]
+                    await page.click("#sites th[data-sort='site']")
+                    assert await order() == ["store-c", "store-b", "store-a"]
+                    await page.click("#sites th[data-sort='display']")
 
                     # Live: a state change appears without a reload.
                     await page.evaluate("window.__noReload = 42")
@@ -134,6 +148,14 @@ async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
                     assert await page.evaluate("window.__noReload") == 43
                     await page.wait_for_selector(".node.down")
 
+                    # Recent events and snapshots: a failed snapshot reported by the agent shows in both.
+                    ctx.emit("snapshot.failed", "etcd snapshot failed: etcdctl snapshot save: timed out after 600s",
+                             severity=protocol.Severity.ERROR, data={"trigger": "scheduled", "reason": "timed out"})
+                    await page.wait_for_selector("#events tbody tr[data-type='snapshot.failed']", timeout=15000)
+                    await page.wait_for_selector("#snapshots tbody tr td.state-failed")
+                    snap_rows = await page.eval_on_selector_all("#snapshots tbody tr", "r => r.map(x => x.textContent)")
+                    assert any("ok" in r and "status" in r for r in snap_rows), snap_rows  # the seeded last success
+
                     # Writes need a token: no buttons before signing in.
                     assert await page.is_hidden("#actions")
                     await page.fill("#token-input", WRITE_TOKEN)
@@ -151,6 +173,8 @@ async def test_dashboard_live_end_to_end(tmp_path: Path) -> None:
                     await page.screenshot(path=str(ARTIFACTS / "site.png"), full_page=True)
                     await page.close()
                 assert not agent_task.done()
+                foreign = [u for u in requested if not u.startswith(f"{hub.api_url}/")]
+                assert requested and foreign == [], foreign
 
 
 async def test_read_token_required_and_writes_refused(tmp_path: Path) -> None:

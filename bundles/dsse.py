@@ -87,7 +87,7 @@ def parse(data: bytes, *, max_bytes: int) -> Envelope:
         raise EnvelopeError(f"envelope is {len(data)} bytes, over the {max_bytes}-byte cap")
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise EnvelopeError(f"envelope is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise EnvelopeError("envelope is not a JSON object")

@@ -362,7 +362,7 @@ def load_meta(images_dir: Path) -> dict[str, Any]:
     """``edgefleet-images.json`` of a staged bundle (``payload/images``): verified with the payload."""
     try:
         doc = json.loads((images_dir / META_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise oci.OCIError(f"{images_dir}/{META_NAME} is unreadable: {exc}") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 1 or not isinstance(doc.get("images"), list):
         raise oci.OCIError(f"{images_dir}/{META_NAME} is not an edgefleet image list v1")

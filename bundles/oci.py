@@ -137,7 +137,7 @@ def read_json(layout: Path, desc: Descriptor) -> dict[str, Any]:
     data = read_blob(layout, desc)
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise OCIError(f"blob {desc.digest} is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise OCIError(f"blob {desc.digest} is not a JSON object")
@@ -153,7 +153,7 @@ def read_index(layout: Path) -> list[Descriptor]:
         raise OCIError(f"{layout}/index.json is over {MAX_JSON} bytes")
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise OCIError(f"{layout}/index.json is not JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
         raise OCIError(f"{layout}/index.json has no manifests list")

@@ -50,7 +50,10 @@ def is_index(head: bytes) -> bool:
 def split(bundle: Path, *, max_part_size: int = DEFAULT_MAX_PART) -> list[Path]:
     if max_part_size < 1 << 16:
         raise errors.UsageError(f"--max-part-size {max_part_size} is below 64 KiB")
-    size = bundle.stat().st_size
+    try:
+        size = bundle.stat().st_size
+    except OSError as exc:
+        raise errors.Unreadable(f"cannot read bundle {bundle}: {exc.strerror}") from None
     if size <= max_part_size:
         return [bundle]
     count = (size + max_part_size - 1) // max_part_size
@@ -99,10 +102,10 @@ def load_index(index_path: Path) -> dict[str, Any]:
         doc = json.loads(raw)
     except OSError as exc:
         raise errors.Unreadable(f"cannot read split index {index_path}: {exc.strerror}") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep to decode
         raise errors.Garbled(f"{index_path.name} is neither a bundle nor a split index: {exc}") from None
     parts = doc.get("parts") if isinstance(doc, dict) else None
-    if doc.get("kind") != KIND or not isinstance(parts, list) or not parts or len(parts) > MAX_PARTS:
+    if not isinstance(parts, list) or doc.get("kind") != KIND or not parts or len(parts) > MAX_PARTS:
         raise errors.Garbled(f"{index_path.name} is neither a bundle nor a split index")
     for p in parts:
         if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not _PART_NAME.match(p["name"]) \
@@ -119,9 +122,8 @@ def _label(index_path: Path, doc: dict[str, Any], i: int) -> str:
 def check(index_path: Path) -> None:
     """Every part present, of the right size and sha256; raises naming the first bad part."""
     doc = load_index(index_path)
-    for i, p in enumerate(doc["parts"]):
+    for i in range(len(doc["parts"])):
         _check_part(index_path, doc, i, full=True)
-        del p
 
 
 def _check_part(index_path: Path, doc: dict[str, Any], i: int, *, full: bool) -> Path:

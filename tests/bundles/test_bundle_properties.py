@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import NOW, Kit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,3 +131,26 @@ def test_any_single_byte_change_is_rejected_or_harmless(kit: Kit, position: int,
     # the signed manifest and every payload byte are intact.
     original = verify.verify_only(path, root=kit.root, now=NOW)
     assert staged.manifest == original.manifest and staged.bundle_id == original.bundle_id
+
+
+DEEP = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # far past the JSON decoder's recursion limit
+
+
+def test_deeply_nested_json_is_a_clean_error(kit: Kit) -> None:
+    """Nesting too deep to decode (RecursionError) is refused like any other bad JSON, never a crash."""
+    with pytest.raises(dsse.EnvelopeError):
+        dsse.parse(DEEP, max_bytes=1 << 21)
+    with pytest.raises(errors.RootInvalid):
+        trust.parse_root(DEEP)
+    with pytest.raises(errors.ManifestInvalid):
+        manifest.parse_manifest(DEEP)
+    with pytest.raises(errors.ChainBroken):
+        trust.parse_chain(DEEP)
+    members = kit.members()
+    members[0] = (container.ENVELOPE_NAME, DEEP)
+    with pytest.raises(errors.EnvelopeInvalid):
+        verify.verify_only(kit.raw(members), root=kit.root, now=NOW)
+    index = kit.tmp / "deep-index.efb"  # starts with "{": read as a split bundle's index
+    index.write_bytes(DEEP)
+    with pytest.raises(errors.Garbled):
+        verify.verify_only(index, root=kit.root, now=NOW)

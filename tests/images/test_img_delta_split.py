@@ -233,3 +233,15 @@ async def test_agent_inbox_waits_for_parts_still_being_copied(tmp_path: Path) ->
         os.utime(inbox / p.name, (old, old))
     ((dest, result),) = await intake.import_inbox(ctx)
     assert isinstance(result, intake.ImportResult) and dest.parent.parent.name == "done"
+
+
+def test_cli_split_and_join_failures_are_one_line_with_their_code(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["split", str(tmp_path / "nope.efb")]) == errors.Unreadable.exit_code
+    assert capsys.readouterr().err.startswith("edgefleet-bundle: unreadable: cannot read bundle")
+    not_an_index = tmp_path / "list.efb"
+    not_an_index.write_text("[1, 2]")
+    assert cli.main(["join", str(not_an_index), "--out", str(tmp_path / "j.efb")]) == errors.Garbled.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("edgefleet-bundle: garbled: list.efb is neither a bundle nor a split index")
+    assert err.count("\n") == 1 and not (tmp_path / "j.efb").exists()

@@ -33,19 +33,27 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 def keygen(out_dir: Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path, str]:
     """Write ``<name>.key`` (0600) and ``<name>.pub`` into ``out_dir``; return (key, pub, keyid)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     key = generate()
     priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL) | getattr(os, "O_NOFOLLOW", 0)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.KeyInvalid(f"cannot create key directory {out_dir}: {exc.strerror}") from None
+    try:
         fd = os.open(priv_path, flags, 0o600)
     except FileExistsError:
         raise errors.KeyInvalid(f"{priv_path} already exists (refusing to overwrite a key)") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_pem(key))
-        fh.flush()
-        os.fsync(fh.fileno())
-    pub_path.write_bytes(public_pem(key.public_key()))
+    except OSError as exc:
+        raise errors.KeyInvalid(f"cannot create key file {priv_path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private_pem(key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        pub_path.write_bytes(public_pem(key.public_key()))
+    except OSError as exc:
+        raise errors.KeyInvalid(f"cannot write key files {priv_path} / {pub_path}: {exc.strerror}") from None
     return priv_path, pub_path, dsse.keyid_of(key.public_key())
 
 

@@ -106,3 +106,15 @@ def test_cli_failures_are_one_line_with_distinct_codes(tmp_path: Path, capsys: p
     code, _, err = run(capsys, "build", "--platform", str(tmp_path), "--no-mirror", "--out", str(tmp_path / "x"),
                        "--release", "1")
     assert code == errors.BuildError.exit_code and err.startswith("edgefleet-bundle: build-failed: component")
+
+
+def test_keygen_where_keys_cannot_be_written_is_key_invalid(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = run(capsys, "keygen", "--out", str(blocker), "--name", "x")
+    assert code == errors.KeyInvalid.exit_code
+    assert err.startswith(f"edgefleet-bundle: key-invalid: cannot create key directory {blocker}")
+    assert err.count("\n") == 1
+    code, _, err = run(capsys, "keygen", "--out", str(blocker / "sub"), "--name", "x")
+    assert code == errors.KeyInvalid.exit_code and err.count("\n") == 1

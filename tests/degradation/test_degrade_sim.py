@@ -3,6 +3,10 @@
 Timings are Kubernetes' and the agent's defaults divided by ``SPEED`` (see
 ``degrade_helpers.scaled_config``): 40 s NotReady → 4 s, 300 s eviction → 30 s, the agent's 60 s
 recover dwell → 6 s.
+
+The broker is down throughout: the agent's MQTT link runs next to the controller, against a port where
+nothing listens, so every scenario shows the same behaviour offline and every event waiting in the
+outbox. That those events reach the hub once the broker returns: test_degrade_hub.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import sim.testing
-from agent import degrade, kube, metrics, sitestatus
+from agent import degrade, kube, link, metrics, sitestatus
 from agent.context import AgentContext
 from agent.degrade import records
 from agent.degrade.model import ORIGINAL_REPLICAS_ANNOTATION
@@ -35,19 +39,26 @@ TIER = {s.name: s.tier for s in h.PLATFORM}
 
 @contextlib.asynccontextmanager
 async def scenario(tmp_path: Path, **degradation: Any) -> AsyncIterator[tuple[Any, Any, AgentContext]]:
-    """A sim site with the tiered platform Running and the controller task started on it."""
+    """A sim site with the tiered platform Running, the controller task started on it, and the link
+    task trying in vain to reach a broker that is down."""
     async with sim.testing.running(speed=SPEED) as site, kube.connect(site.kubeconfig) as api:
         await h.deploy_platform(api)
         await h.eventually(lambda: _all_running(api), timeout=30, what="the platform Running")
-        ctx = h.context(h.scaled_config("site-a", tmp_path / "state", site.kubeconfig, speed=SPEED, **degradation))
-        task = asyncio.create_task(degrade.run(ctx))
+        base = h.scaled_config("site-a", tmp_path / "state", site.kubeconfig, speed=SPEED, **degradation)
+        dead_broker = base.link.model_copy(update={"port": brokers.free_port(), "backoff_min_seconds": 0.2,
+                                                   "backoff_max_seconds": 1.0})  # fmt: skip
+        ctx = h.context(base.model_copy(update={"link": dead_broker}))
+        tasks = [asyncio.create_task(degrade.run(ctx)), asyncio.create_task(link.run(ctx))]
         try:
             await h.eventually(lambda: _state_is(ctx, "green"), timeout=10, what="green")
             yield site, api, ctx
+            assert not any(t.done() for t in tasks), "a task ended"  # the link keeps retrying, no crash
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             ctx.store.close()
 
 

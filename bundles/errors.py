@@ -209,7 +209,8 @@ class Unreadable(BundleError):
 
 
 class StoreError(BundleError):
-    """The bundle store could not be written (disk full, permissions); nothing was moved in."""
+    """The bundle store, or a bundle/part file being written, could not be written (disk full,
+    permissions); nothing was moved in, no half-written file left."""
 
     reason = "store-error"
     exit_code = 40

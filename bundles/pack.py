@@ -45,9 +45,18 @@ def file_entry(path: str, source: Path, *, mode: int | None = None) -> FileEntry
 
 
 def _atomic_out(out: Path) -> tuple[int, Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     return fd, Path(tmp)
+
+
+def _write_error(out: Path, exc: OSError) -> errors.StoreError:
+    """One line naming the output and the file that failed (a source, or the output's directory)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return errors.StoreError(f"cannot write {out}: {exc.strerror or exc}{where}")
 
 
 def _finish(fh: object, tmp: Path, out: Path) -> None:
@@ -84,6 +93,9 @@ def write_bundle(
                 w.add_file(container.PAYLOAD_PREFIX + entry.path, src, size=entry.size, mode=entry.mode)
             w.close()
             _finish(fh, tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(out, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -141,6 +153,9 @@ def sign_bundle(path: Path, *, keys: Sequence[Ed25519PrivateKey], out: Path | No
                 raise errors.MissingFile(f"refusing to sign: {sorted(set(entries) - seen)[0]} is missing")
             w.close()
             _finish(fh, tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(target, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -168,6 +183,9 @@ def attach_chain(path: Path, chain: Sequence[bytes]) -> None:
                 w.add_raw(data + b"\x00" * container.padding(hdr.size))
             w.close()
             _finish(fh, tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -118,3 +118,24 @@ def test_keygen_where_keys_cannot_be_written_is_key_invalid(tmp_path: Path,
     assert err.count("\n") == 1
     code, _, err = run(capsys, "keygen", "--out", str(blocker / "sub"), "--name", "x")
     assert code == errors.KeyInvalid.exit_code and err.count("\n") == 1
+
+
+def test_build_and_sign_outputs_that_cannot_be_written_are_store_errors(
+        tmp_path: Path, platform: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "keygen", "--out", str(tmp_path / "k"), "--name", "a")
+    prof = tmp_path / "mini.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    build = ["build", "--profile", str(prof), "--platform", str(platform / "idp-blueprint"), "--no-mirror",
+             "--release", "1", "--key", str(tmp_path / "k" / "a.key")]
+    code, _, err = run(capsys, *build, "--out", str(blocker / "b.efb"))
+    assert code == errors.StoreError.exit_code and err.count("\n") == 1
+    assert err.startswith(f"edgefleet-bundle: store-error: cannot write {blocker / 'b.efb'}:")
+    good = tmp_path / "b.efb"
+    assert run(capsys, *build, "--out", str(good))[0] == 0
+    before = good.read_bytes()
+    code, _, err = run(capsys, "sign", str(good), "--key", str(tmp_path / "k" / "a.key"), "--out",
+                       str(blocker / "signed.efb"))
+    assert code == errors.StoreError.exit_code and err.count("\n") == 1
+    assert good.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

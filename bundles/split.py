@@ -25,6 +25,7 @@ parts are there; copy the parts first, the index last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -63,34 +64,40 @@ def split(bundle: Path, *, max_part_size: int = DEFAULT_MAX_PART) -> list[Path]:
     parts: list[dict[str, Any]] = []
     paths: list[Path] = []
     total = hashlib.sha256()
-    with open(bundle, "rb") as src:
-        for i in range(count):
-            name = f"{bundle.name}.{i + 1:0{width}d}.part"
-            path = bundle.with_name(name)
-            h = hashlib.sha256()
-            left = min(max_part_size, size - i * max_part_size)
-            tmp = path.with_name(f".{name}.tmp")
-            with open(tmp, "wb") as out:
-                while left:
-                    chunk = src.read(min(CHUNK, left))
-                    if not chunk:
-                        raise errors.Truncated(f"{bundle} shrank while being split")
-                    h.update(chunk)
-                    total.update(chunk)
-                    out.write(chunk)
-                    left -= len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-            parts.append({"name": name, "size": path.stat().st_size, "sha256": h.hexdigest()})
-            paths.append(path)
-    index = {"kind": KIND, "schemaVersion": 1, "size": size, "sha256": total.hexdigest(), "parts": parts}
-    tmp = bundle.with_name(f".{bundle.name}.index.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(index, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, bundle)  # the index takes the bundle's name last: a crash leaves a whole bundle
+    try:
+        with open(bundle, "rb") as src:
+            for i in range(count):
+                name = f"{bundle.name}.{i + 1:0{width}d}.part"
+                path = bundle.with_name(name)
+                h = hashlib.sha256()
+                left = min(max_part_size, size - i * max_part_size)
+                tmp = path.with_name(f".{name}.tmp")
+                with open(tmp, "wb") as out:
+                    while left:
+                        chunk = src.read(min(CHUNK, left))
+                        if not chunk:
+                            raise errors.Truncated(f"{bundle} shrank while being split")
+                        h.update(chunk)
+                        total.update(chunk)
+                        out.write(chunk)
+                        left -= len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+                parts.append({"name": name, "size": path.stat().st_size, "sha256": h.hexdigest()})
+                paths.append(path)
+        index = {"kind": KIND, "schemaVersion": 1, "size": size, "sha256": total.hexdigest(), "parts": parts}
+        tmp = bundle.with_name(f".{bundle.name}.index.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(index, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, bundle)  # the index takes the bundle's name last: a crash leaves a whole bundle
+    except OSError as exc:  # disk full, read-only stick: the bundle stays whole, no stray part left
+        for leftover in [*paths, *bundle.parent.glob(f".{bundle.name}.*.tmp")]:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        raise errors.StoreError(f"cannot split {bundle}: {exc.strerror or exc} ({exc.filename})") from None
     return [bundle, *paths]
 
 
@@ -251,6 +258,9 @@ def join(index_path: Path, out: Path) -> Path:
         if total.hexdigest() != doc.get("sha256"):
             raise errors.PartDamaged(f"{index_path.name}: the reassembled bundle does not match the index's sha256")
         os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise errors.StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -245,3 +245,16 @@ def test_cli_split_and_join_failures_are_one_line_with_their_code(tmp_path: Path
     err = capsys.readouterr().err
     assert err.startswith("edgefleet-bundle: garbled: list.efb is neither a bundle nor a split index")
     assert err.count("\n") == 1 and not (tmp_path / "j.efb").exists()
+
+
+def test_split_that_cannot_write_a_part_leaves_the_bundle_whole(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    img_kit.make_source(src, size=200 * 1024)
+    res = img_kit.Signer(tmp_path).build(tmp_path / "b.efb", source=src)
+    whole = res.path.read_bytes()
+    (tmp_path / ".b.efb.002.part.tmp").mkdir()  # part 2 cannot be created: as if the stick were full
+    assert cli.main(["split", str(res.path), "--max-part-size", "256K"]) == errors.StoreError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgefleet-bundle: store-error: cannot split {res.path}:") and err.count("\n") == 1
+    assert res.path.read_bytes() == whole and not list(tmp_path.glob("b.efb.*.part"))

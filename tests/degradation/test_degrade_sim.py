@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 
 import sim.testing
 from agent import degrade, kube, link, metrics, sitestatus
+from agent.config import AgentConfig
 from agent.context import AgentContext
 from agent.degrade import records
 from agent.degrade.model import ORIGINAL_REPLICAS_ANNOTATION
@@ -44,10 +45,8 @@ async def scenario(tmp_path: Path, **degradation: Any) -> AsyncIterator[tuple[An
     async with sim.testing.running(speed=SPEED) as site, kube.connect(site.kubeconfig) as api:
         await h.deploy_platform(api)
         await h.eventually(lambda: _all_running(api), timeout=30, what="the platform Running")
-        base = h.scaled_config("site-a", tmp_path / "state", site.kubeconfig, speed=SPEED, **degradation)
-        dead_broker = base.link.model_copy(update={"port": brokers.free_port(), "backoff_min_seconds": 0.2,
-                                                   "backoff_max_seconds": 1.0})  # fmt: skip
-        ctx = h.context(base.model_copy(update={"link": dead_broker}))
+        ctx = h.context(_broker_down(h.scaled_config("site-a", tmp_path / "state", site.kubeconfig, speed=SPEED,
+                                                     **degradation)))  # fmt: skip
         tasks = [asyncio.create_task(degrade.run(ctx)), asyncio.create_task(link.run(ctx))]
         try:
             await h.eventually(lambda: _state_is(ctx, "green"), timeout=10, what="green")
@@ -60,6 +59,13 @@ async def scenario(tmp_path: Path, **degradation: Any) -> AsyncIterator[tuple[An
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             ctx.store.close()
+
+
+def _broker_down(config: AgentConfig) -> AgentConfig:
+    """The config with the link pointed at a port where no broker listens."""
+    link_cfg = config.link.model_copy(update={"port": brokers.free_port(), "backoff_min_seconds": 0.2,
+                                              "backoff_max_seconds": 1.0})  # fmt: skip
+    return config.model_copy(update={"link": link_cfg})
 
 
 async def _all_running(api: Any) -> bool:
@@ -223,8 +229,9 @@ async def test_api_unreachable_is_black_and_recovers(tmp_path: Path) -> None:
     """The API server dies (sim process killed): Black, recorded; a new one on the same address: Green."""
     port = brokers.free_port()
     first = sim.testing.start_process(speed=SPEED, workdir=_mkdir(tmp_path / "sim1"), extra_args=["--port", str(port)])
-    ctx = h.context(h.scaled_config("site-b", tmp_path / "state", first.kubeconfig, speed=SPEED))
+    ctx = h.context(_broker_down(h.scaled_config("site-b", tmp_path / "state", first.kubeconfig, speed=SPEED)))
     task = asyncio.create_task(degrade.run(ctx))
+    link_task = asyncio.create_task(link.run(ctx))
     second = None
     try:
         await h.eventually(lambda: _state_is(ctx, "green"), timeout=15, what="green")
@@ -237,10 +244,13 @@ async def test_api_unreachable_is_black_and_recovers(tmp_path: Path) -> None:
         )
         await h.eventually(lambda: _state_is(ctx, "green"), timeout=15, what="green again")
         assert _transitions(ctx) == [("green", "black"), ("black", "green")]
+        assert not link_task.done()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (task, link_task):
+            t.cancel()
+        for t in (task, link_task):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         ctx.store.close()
         first.stop()
         if second is not None:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,76 @@ def test_demo_missing_platform_dir_is_one_clear_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "platform dir" in r.stderr and "does not exist" in r.stderr
     assert not (tmp_path / "w").exists(), "nothing may be created before the input is checked"
+
+
+def test_demo_script_commands_are_accepted_by_the_tools(tmp_path: Path) -> None:
+    """The things-to-try the demo prints are real commands: the sim's own parser accepts every
+    `edgefleet-sim node ...` line, against the kubeconfig path the demo writes for site-1."""
+    import shlex
+
+    from hub import demo
+    from sim import cli as sim_cli
+
+    work = tmp_path / "demo"
+    text = demo.script(url="http://127.0.0.1:8080", token="t0k3n", work=work,
+                       broker=demo.Broker(kind="mosquitto", port=1883, argv=[]), snapshots=True)
+    sim_lines = [shlex.split(line) for line in text.splitlines() if " node " in line and "--kubeconfig" in line]
+    actions = []
+    for argv in sim_lines:
+        args = sim_cli.build_parser().parse_args(argv[argv.index("node"):])
+        assert args.kubeconfig == work / "site-1" / "kubeconfig.yaml"
+        assert args.name in demo.NODES
+        actions.append(args.action)
+    assert sorted(set(actions)) == ["fail", "restore"]
+    assert f"kill $(cat {work}/broker.pid)" in text and demo.SNAPSHOT_SCHEDULE in text
+    assert "/dashboard/" in text and "t0k3n" in text
+
+
+def _overview(url: str) -> dict[str, dict[str, object]]:
+    with urllib.request.urlopen(f"{url}/dashboard/api/overview", timeout=5) as r:
+        return {str(s["site"]): s for s in json.loads(r.read())["sites"]}
+
+
+@pytest.mark.slow
+def test_demo_broker_cut_sites_go_stale_and_report_again(tmp_path: Path, platform: Path) -> None:
+    """Step 2 of the printed script: `kill $(cat .demo/broker.pid)`. The demo restarts the broker after
+    a while; meanwhile the site shows stale on the dashboard, afterwards it reports again."""
+    work = tmp_path / "demo"
+    proc, lines = _start(work, platform, "--sites", "1", "--no-etcd", "--duration", "400")
+
+    def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + "".join(lines)
+            time.sleep(0.5)
+
+    try:
+        found: list[str] = []
+
+        def url_printed() -> bool:
+            m = re.search(r"dashboard at\s+(http://127\.0\.0\.1:\d+)/dashboard/", "".join(lines))
+            found.extend([m.group(1)] if m else [])
+            return bool(m)
+
+        wait_for("the dashboard URL", url_printed, 180)
+        url = found[0]
+        wait_for("site-1 reporting", lambda: _overview(url).get("site-1", {}).get("online") is True, 120)
+        os.kill(int((work / "broker.pid").read_text()), signal.SIGTERM)  # what the script says to do
+        wait_for("the demo to notice", lambda: any("broker is down" in line for line in lines), 30)
+        wait_for("site-1 stale", lambda: _overview(url)["site-1"]["display"] == "stale", 60)
+        wait_for("the broker back", lambda: any("broker is back" in line for line in lines), 60)
+        wait_for("site-1 reporting again",
+                 lambda: _overview(url)["site-1"]["display"] != "stale" and _overview(url)["site-1"]["online"] is True,
+                 60)
+        # The console says so too (its watcher polls the store once a second).
+        for said in ("site-1: STALE (no reports)", "site-1: reporting again"):
+            wait_for(f"'{said}' on the console", lambda said=said: any(said in line for line in lines), 10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)
+    assert _leftovers(work) == [], "processes left behind after Ctrl-C"

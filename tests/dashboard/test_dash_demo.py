@@ -37,6 +37,21 @@ def _start(work: Path, platform: Path, *extra: str) -> tuple[subprocess.Popen[st
     return proc, lines
 
 
+def _stop(proc: subprocess.Popen[str], work: Path) -> None:
+    """After a failed assertion: Ctrl-C first (the demo stops its children), and if the demo is beyond
+    that, kill it and stop the children it recorded, so a failing test leaves no fleet running."""
+    from hub import demo
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    demo.reap_previous(work)
+
+
 def _leftovers(work: Path) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -126,9 +141,7 @@ def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(90) == 0, "".join(lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc, work)
     time.sleep(0.5)
     assert _leftovers(work) == [], "processes left behind after Ctrl-C"
     assert "stopped" in lines[-1]
@@ -140,9 +153,7 @@ def test_demo_three_sites_install_then_ctrl_c_and_rerun(tmp_path: Path, platform
     try:
         assert proc2.wait(400) == 0, "".join(lines2)
     finally:
-        if proc2.poll() is None:
-            proc2.kill()
-            proc2.wait()
+        _stop(proc2, work)
     assert any("all 1 sites have the bundle installed" in line for line in lines2), "".join(lines2)
     assert any("EMBEDDED amqtt, DEMO ONLY" in line for line in lines2)
     assert _leftovers(work) == []
@@ -224,8 +235,6 @@ def test_demo_broker_cut_sites_go_stale_and_report_again(tmp_path: Path, platfor
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, "".join(lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc, work)
     time.sleep(0.5)
     assert _leftovers(work) == [], "processes left behind after Ctrl-C"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -238,3 +239,36 @@ def test_demo_broker_cut_sites_go_stale_and_report_again(tmp_path: Path, platfor
         _stop(proc, work)
     time.sleep(0.5)
     assert _leftovers(work) == [], "processes left behind after Ctrl-C"
+
+
+@pytest.mark.slow
+def test_demo_node_failure_turns_the_site_yellow_red_and_back(tmp_path: Path, platform: Path) -> None:
+    """Step 1 of the printed script, with the commands it prints: fail one worker (Yellow), the second
+    (Red), restore both (Green again), as the dashboard's overview shows it."""
+    work = tmp_path / "demo"
+    proc, lines = _start(work, platform, "--sites", "1", "--no-etcd", "--duration", "900")
+
+    def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + "".join(lines)
+            time.sleep(1)
+
+    def display() -> object:
+        return _overview(url).get("site-1", {}).get("display")
+
+    try:
+        wait_for("the things to try", lambda: any("Things to try" in line for line in lines), 240)
+        url = re.search(r"dashboard at\s+(http://127\.0\.0\.1:\d+)/dashboard/", "".join(lines)).group(1)  # type: ignore[union-attr]
+        printed = [line.strip() for line in lines if " node " in line and "--kubeconfig" in line]
+        wait_for("the bundle installed", lambda: any("bundle idp-platform-1.0.0 installed" in ln for ln in lines), 400)
+        wait_for("site-1 green", lambda: display() == "green", 120)
+        for command, state in zip(printed, ("yellow", "red", None, "green"), strict=True):
+            subprocess.run(shlex.split(command), check=True, timeout=60, capture_output=True)
+            if state is not None:
+                wait_for(f"site-1 {state} after `{command}`", lambda state=state: display() == state, 180)
+    finally:
+        _stop(proc, work)
+    assert proc.returncode == 0, "".join(lines)
+    assert _leftovers(work) == []

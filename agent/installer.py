@@ -217,7 +217,7 @@ class _Runner:
 
         async def prepare() -> dict[str, Any]:
             prev_refs = journal.load_inventory(self.store, prev.bundle_id if prev else None)
-            new_data = spec.iter_objects(
+            new_data = spec.heads(
                 k for k in refs if k not in prev_refs and model.Ref.parse(k).kind in model.DATA_BEARING)
             preexisting = [key for key, obj in new_data if await apply.exists(self.api, model.stub(obj))]
             journal.save_inventory(self.store, spec.bundle_id, refs)

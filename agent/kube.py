@@ -33,7 +33,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import ssl
 import sys
 import time
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from agent import jsonpick
 
 _PUBLIC_DUNDERS = {"__all__", "__version__", "__project__"}
 
@@ -332,7 +333,7 @@ async def request(
 
     ``accept`` lets a caller ask for a server-side representation such as a metadata-only
     ``Table`` (the installer's drift check lists resourceVersions that way). ``fields``: decode
-    only these top-level fields of the answer (an object), see :func:`top_level`.
+    only these top-level fields of the answer (an object), see :func:`agent.jsonpick.top_level`.
     """
     global last_contact
     headers = {"Accept": accept}
@@ -360,7 +361,7 @@ async def request(
                 error.body = text
                 raise error
             try:
-                result = top_level(text, fields)
+                result = jsonpick.top_level(text, fields)
             except ValueError as exc:
                 raise KubeError(f"malformed answer to {method} {path}: {exc}") from None
     except ApiException as exc:
@@ -371,70 +372,6 @@ async def request(
         raise KubeUnavailable(f"API server unreachable: {type(exc).__name__}: {exc}") from None
     last_contact = time.monotonic()
     return result
-
-
-_WS = re.compile(r"\s*")
-#: A run of anything but brackets, strings skipped whole (possessive: no backtracking state).
-_FLAT = re.compile(r'(?:[^"{}\[\]]++|"(?:[^"\\]++|\\.)*+")*+', re.S)
-_decoder = json.JSONDecoder()
-
-
-def top_level(text: str, fields: Collection[str]) -> dict[str, Any]:
-    """The given top-level fields of the JSON object ``text``; every other value is skipped unparsed.
-
-    Why: a client that needs one small part of a big object (a CRD's ``status``, whose ``spec``
-    is up to ~700 KB of schema in the IDP platform) would otherwise build megabytes of dicts for
-    nothing, and CPython keeps the heap such a burst fragments for the rest of the process's
-    life. Skipping follows JSON's syntax (strings with escapes, nesting) without building values;
-    it trusts the API server for well-formed JSON, and raises ValueError where ``text`` is
-    visibly not a JSON object (it does not, e.g., check that brackets match in skipped parts).
-    """
-    out: dict[str, Any] = {}
-    i = _ws(text, 0)
-    if text[i : i + 1] != "{":
-        raise ValueError("not a JSON object")
-    i = _ws(text, i + 1)
-    if text[i : i + 1] == "}":
-        return out
-    while True:
-        if text[i : i + 1] != '"':
-            raise ValueError(f"expected a key at {i}")
-        key, i = _decoder.raw_decode(text, i)
-        i = _ws(text, i)
-        if text[i : i + 1] != ":":
-            raise ValueError(f"expected ':' at {i}")
-        i = _ws(text, i + 1)
-        if key in fields:
-            out[key], i = _decoder.raw_decode(text, i)
-        else:
-            i = _skip(text, i)
-        i = _ws(text, i)
-        if text[i : i + 1] == "}":
-            return out
-        if text[i : i + 1] != ",":
-            raise ValueError(f"expected ',' or '}}' at {i}")
-        i = _ws(text, i + 1)
-
-
-def _ws(text: str, i: int) -> int:
-    space = _WS.match(text, i)
-    return space.end() if space else i
-
-
-def _skip(text: str, i: int) -> int:
-    """The index just after the JSON value that starts at ``i``."""
-    if text[i : i + 1] not in ("{", "["):
-        return _decoder.raw_decode(text, i)[1]  # a scalar: small
-    depth = 0
-    while True:
-        flat = _FLAT.match(text, i)
-        i = flat.end() if flat else i
-        if i >= len(text):
-            raise ValueError("unterminated JSON value")
-        depth += 1 if text[i] in "{[" else -1
-        i += 1
-        if depth == 0:
-            return i
 
 
 async def ping(api: Any) -> dict[str, Any]:
@@ -484,12 +421,16 @@ async def resource_for(api: Any, api_version: str, kind: str) -> Resource:
     return kinds[kind]
 
 
-def forget(api: Any, api_version: str | None = None) -> None:
-    """Drop cached discovery (of one group-version, or all), e.g. after CRDs were removed."""
+def forget(api: Any, api_version: str | None = None, *, group: str | None = None) -> None:
+    """Drop cached discovery (of one group-version, of every version of a group, or all), e.g.
+    after CRDs were added or removed."""
     discovery = _discoveries.get(api)
     if discovery is None:
         return
-    if api_version is None:
+    if group is not None:
+        for gv in [gv for gv in discovery.by_gv if gv.rpartition("/")[0] == group]:
+            discovery.by_gv.pop(gv, None)
+    elif api_version is None:
         discovery.by_gv.clear()
     else:
         discovery.by_gv.pop(api_version, None)
@@ -508,13 +449,24 @@ async def apply(
     api: Any,
     obj: dict[str, Any],
     *,
+    body: bytes | None = None,
     field_manager: str = FIELD_MANAGER,
     force: bool = True,
     dry_run: bool = False,
     fields: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Server-side apply ``obj`` (a full manifest dict); returns the live object the server answered
-    with (only its top-level ``fields``, if given: the answer repeats the whole object)."""
+    with (only its top-level ``fields``, if given: the answer repeats the whole object).
+
+    ``body``: the full manifest as JSON, when the caller has it that way; ``obj`` then needs only
+    what names the object (:data:`agent.jsonpick.HEAD`). The installer applies its rendered
+    documents so: a big CRD is sent as the bytes it is stored as instead of being parsed into
+    megabytes of dicts, copied once more by the client's serializer, and dumped again.
+
+    The body goes out pre-serialized: the client passes bytes through untouched only when the
+    content type is not one it serializes itself, so it carries a ``charset`` parameter, which
+    the API server strips (``apiserver/pkg/endpoints/handlers/patch.go``) as the sim does.
+    """
     meta = obj.get("metadata") or {}
     if not obj.get("apiVersion") or not obj.get("kind") or not meta.get("name"):
         raise ValueError("object needs apiVersion, kind and metadata.name to be applied")
@@ -523,8 +475,9 @@ async def apply(
     query: dict[str, Any] = {"fieldManager": field_manager, "force": "true" if force else None}
     if dry_run:
         query["dryRun"] = "All"
-    result = await request(api, "PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml",
-                           fields=fields)
+    data = json.dumps(obj, separators=(",", ":")).encode() if body is None else body
+    result = await request(api, "PATCH", path, query=query, body=data,
+                           content_type="application/apply-patch+yaml; charset=utf-8", fields=fields)
     return result if isinstance(result, dict) else {}
 
 
@@ -652,5 +605,4 @@ __all__ = [
     "request",
     "resource_for",
     "shared",
-    "top_level",
 ]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from agent import kube
+from agent import jsonpick, kube
 from agent.install import gates, journal, model, render
 
 log = structlog.get_logger("edgefleet.install")
@@ -32,6 +32,8 @@ OBJECT_CONCURRENCY = 8
 MAX_BACKOFF = 10.0
 PROTECTED_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease", model.SYSTEM_NAMESPACE})
 _LATE_KINDS = ("APIService", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+#: Kinds applied with the live ``spec.replicas`` while the degradation controller has scaled them.
+_LIVE_REPLICAS = ("Deployment", "StatefulSet", "ReplicaSet")
 
 
 class ApplyFailed(Exception):
@@ -63,7 +65,7 @@ async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dic
     """
     ref = model.Ref.of(obj)
     meta = obj.get("metadata") or {}
-    if obj.get("kind") in ("Deployment", "StatefulSet", "ReplicaSet"):
+    if obj.get("kind") in _LIVE_REPLICAS:
         live = await retrying(
             lambda: kube.get(api, str(obj["apiVersion"]), str(obj["kind"]), str(meta["name"]),
                              namespace=meta.get("namespace")),
@@ -71,6 +73,21 @@ async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dic
         )
         obj = render.keep_live_replicas(obj, live)
     return await retrying(lambda: kube.apply(api, obj, fields=("metadata",)), what=str(ref), deadline=deadline)
+
+
+async def apply_document(api: Any, document: bytes, *, deadline: float) -> dict[str, Any]:
+    """:func:`apply_object` for a rendered document as stored (raw JSON): sent as it is, unparsed,
+    unless it is a workload whose live replica count must be kept (small objects).
+
+    Returns the document's :data:`agent.jsonpick.HEAD` (what the caller needs to know of it).
+    """
+    head = jsonpick.head(document)
+    if head.get("kind") in _LIVE_REPLICAS:
+        await apply_object(api, json.loads(document), deadline=deadline)
+    else:
+        await retrying(lambda: kube.apply(api, head, body=document, fields=("metadata",)),
+                       what=str(model.Ref.of(head)), deadline=deadline)
+    return head
 
 
 async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
@@ -88,9 +105,9 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], 
 async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) -> int:
     """Apply a component's objects in the order described in the module docstring.
 
-    Objects stay raw JSON until their turn and are dropped once applied (together with the
-    server's answer): at most ``OBJECT_CONCURRENCY`` of them are parsed at once, not the whole
-    component (see :class:`model.Unit` for why that matters to the agent's memory).
+    Objects stay raw JSON and go out as such (:func:`apply_document`); only their names are
+    parsed, and the server's answer only for its metadata, so a component's big CRDs never exist
+    as dicts in the agent (see :class:`model.Unit` for why that matters to its memory).
     """
     docs = sorted(unit.documents(), key=lambda doc: render.key_order(doc[0]))
     kind_of = {key: model.Ref.parse(key).kind for key, _ in docs}
@@ -101,15 +118,15 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) 
     del docs
     count = 0
     crd_checks: list[dict[str, Any]] = []
-    served: list[str | None] = []
+    crd_groups: set[str] = set()
 
     async def one(doc: tuple[str, bytes]) -> None:
         nonlocal count
-        obj = json.loads(doc[1])
-        if obj.get("kind") == "CustomResourceDefinition":
-            crd_checks.extend(gates.implied_checks([obj]))
-            served.append(_served_version(obj))
-        await apply_object(api, obj, deadline=deadline)
+        head = await apply_document(api, doc[1], deadline=deadline)
+        if head.get("kind") == "CustomResourceDefinition":
+            crd_checks.extend(gates.implied_checks([head]))
+            # A CRD's name is <plural>.<group> (the API server enforces it): no need for its spec.
+            crd_groups.add(str((head.get("metadata") or {}).get("name", "")).partition(".")[2])
         count += 1
         journal.failpoint(f"{step}#{count}")
 
@@ -120,20 +137,14 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) 
             await gates.wait(api, crd_checks, timeout=max(1.0, deadline - time.monotonic()))
         except gates.GateFailed as exc:
             raise ApplyFailed(f"CRDs of {unit.name} not Established: {exc}") from None
-        for api_version in served:
-            kube.forget(api, api_version)
+        for group in crd_groups:
+            kube.forget(api, group=group)
     try:
         await gather_bounded(rest, one, limit=OBJECT_CONCURRENCY)
         await gather_bounded(late, one, limit=OBJECT_CONCURRENCY)
     except* ApplyFailed as group:
         raise group.exceptions[0] from None
     return count
-
-
-def _served_version(crd: dict[str, Any]) -> str | None:
-    spec = crd.get("spec") or {}
-    versions = [v.get("name") for v in spec.get("versions") or [] if v.get("served", True)]
-    return f"{spec.get('group')}/{versions[0]}" if versions else None
 
 
 def delete_order(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import zstandard
 
+from agent import jsonpick
+
 MANAGED_BY = "edgefleet"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_COMPONENT = "edgefleet.io/component"
@@ -165,21 +167,17 @@ class Spec:
         """Every object, parsed (transient use only: see :class:`Unit`)."""
         return {Ref.of(obj).key: obj for unit in self.units for obj in unit.objects}
 
-    def iter_objects(self, keys: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(key, object) for these keys, parsed one at a time (one unit's raw JSON in memory at most)."""
+    def heads(self, keys: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(key, :data:`agent.jsonpick.HEAD` of the object) for these keys, without parsing bodies."""
         wanted = set(keys)
         for unit in self.units:
             if wanted.intersection(unit.keys):
                 for key, line in unit.documents(wanted):
-                    yield key, json.loads(line)
-
-    def select(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """The objects with these keys, parsed (keep the selection small: see :class:`Unit`)."""
-        return dict(self.iter_objects(keys))
+                    yield key, jsonpick.head(line)
 
     def stubs(self, keys: Iterable[str]) -> list[dict[str, Any]]:
         """:func:`stub` of the objects with these keys (prune and rollback delete by identity)."""
-        return [stub(obj) for _, obj in self.iter_objects(keys)]
+        return [stub(head) for _, head in self.heads(keys)]
 
     def layers(self) -> list[list[Unit]]:
         """Units grouped by layer, 0 → 4, each layer in a stable (name) order."""

@@ -7,7 +7,7 @@
   test process itself may have imported them already.
 * :func:`agent.kube.shared` gives the daemon's tasks one client (one TLS context and pool) per
   kubeconfig, closed with its last user, and a new one after the kubeconfig file changed.
-* :func:`agent.kube.top_level` decodes a few top-level fields of a big object (a CRD's status)
+* :func:`agent.jsonpick.top_level` decodes a few top-level fields of a big object (a CRD's status)
   without building the rest: it must agree with ``json.loads`` on any JSON object, and refuse
   what is not one.
 """
@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sim.testing
-from agent import kube
+from agent import jsonpick, kube
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,18 +85,18 @@ _tricky_keys = st.sampled_from(["status", "spec", 'st"a', "{", "]", "\\", "x y",
 def test_top_level_agrees_with_json_loads(doc: dict[str, Any], indent: int | None) -> None:
     text = json.dumps(doc, indent=indent)
     for fields in (("status",), ("spec", 'st"a'), tuple(doc)):
-        assert kube.top_level(text, fields) == {k: v for k, v in json.loads(text).items() if k in fields}
+        assert jsonpick.top_level(text, fields) == {k: v for k, v in json.loads(text).items() if k in fields}
 
 
 def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
     text = '{"spec": {"a": ["}]", "\\"{["], "b": {"c": "]}"}}, "status": {"conditions": [{"type": "Established"}]}}'
-    assert kube.top_level(text, ("status",)) == {"status": {"conditions": [{"type": "Established"}]}}
+    assert jsonpick.top_level(text, ("status",)) == {"status": {"conditions": [{"type": "Established"}]}}
 
 
 @pytest.mark.parametrize("text", ["[1]", '{"a": 1', '{"a" 1}', '{"a": [1, 2}', '{"a": {"b": [}', "", '{"a": 1,}'])
 def test_top_level_refuses_what_is_not_a_json_object(text: str) -> None:
     with pytest.raises(ValueError):
-        kube.top_level(text, ("status",))
+        jsonpick.top_level(text, ("status",))
 
 
 async def test_shared_client_per_kubeconfig(tmp_path: Path) -> None:
@@ -115,3 +115,63 @@ async def test_shared_client_per_kubeconfig(tmp_path: Path) -> None:
         assert first.rest_client.pool_manager.closed
         async with kube.shared(site.kubeconfig) as fourth:
             assert fourth is not first
+
+
+def _big_crd(props: int = 1500) -> dict[str, Any]:
+    """A CRD with a ~700 KB schema of many small nodes, like the IDP platform's largest ones."""
+    leaf = {"type": "object", "description": "what it does",
+            "properties": {"name": {"type": "string"}, "port": {"type": "integer", "format": "int32"},
+                           "tags": {"type": "array", "items": {"type": "string"}},
+                           "mode": {"type": "string", "enum": ["a", "b", "c"]}}}
+    schema = {"type": "object", "properties": {f"field{i}": leaf for i in range(props)}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com", "labels": {"app.kubernetes.io/managed-by": "edgefleet"}},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+                 "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "properties": {"spec": schema}}}}]},
+    }
+
+
+async def test_a_rendered_document_is_applied_as_stored_without_parsing_its_body() -> None:
+    """apply_document sends the stored JSON as the body: the live CRD has the document's spec,
+    and its peak memory is well below what parsing the document and applying the dict costs."""
+    import tracemalloc
+
+    from agent.install import apply
+
+    document = json.dumps(_big_crd(), separators=(",", ":")).encode()
+    assert len(document) > 300_000
+    # The sim in its own process: tracemalloc would count its side of the request too.
+    with sim.testing.start_process(nodes=["server-0"]) as site:
+        async with kube.connect(site.kubeconfig) as api:
+            await kube.ping(api)
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            await apply.apply_object(api, json.loads(document), deadline=float("inf"))
+            parsed_peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            head = await apply.apply_document(api, document, deadline=float("inf"))
+            raw_peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+            assert head == jsonpick.head(document) and head["kind"] == "CustomResourceDefinition"
+            live = await kube.get(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", "widgets.example.com")
+            assert live is not None and live["spec"]["versions"] == json.loads(document)["spec"]["versions"]
+            assert live["metadata"]["managedFields"][0]["manager"] == "edgefleet"
+    # Raw: the body and the answer's text pass through (a few times the document), never its dicts.
+    assert raw_peak < parsed_peak / 2, (raw_peak, parsed_peak, len(document))
+
+
+async def test_forget_a_group_drops_every_version_of_it() -> None:
+    async with sim.testing.running(nodes=["server-0"]) as site, kube.connect(site.kubeconfig) as api:
+        await kube.resource_for(api, "apps/v1", "Deployment")
+        await kube.resource_for(api, "v1", "ConfigMap")
+        with pytest.raises(kube.UnknownKind):
+            await kube.resource_for(api, "example.com/v1", "Widget")
+        await kube.apply(api, _big_crd(props=3))
+        kube.forget(api, group="example.com")
+        cached = kube._discoveries[api].by_gv
+        assert "example.com/v1" not in cached and {"apps/v1", "v1"} <= set(cached)

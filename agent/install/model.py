@@ -114,6 +114,9 @@ class Unit:
     kinds: set[tuple[str, str]] = field(default_factory=set)
     #: Health checks implied by the unit's own workloads/CRDs plus the declared ones.
     gate_checks: list[dict[str, Any]] = field(default_factory=list)
+    #: Object key → install-time placement change codes (:data:`agent.placement.CHANGES`), only
+    #: for objects the tier policy changed: the record the inventory carries, never the objects.
+    placement: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def objects(self) -> list[dict[str, Any]]:

@@ -25,6 +25,10 @@ bare Pod), per the bundle's tier policy ``{priorityClassName, tolerateControlPla
   upstream *required* anti-affinity is kept as is: it is upstream's explicit intent, and the
   degradation planner honours it (at most one such pod per node).
 
+What changed is reported as short codes (:data:`CHANGES`), which the installer keeps per object
+in the rendered cache and the inventory ConfigMap: a code, not the patched object or a sentence,
+because the daemon holds the current and the last good bundle's inventory within its 64 MiB.
+
 Every other object, and every other field, is returned unchanged. Required node affinity or a
 ``nodeSelector`` that excludes the server node is *not* relaxed for tier 2; the degradation
 planner sees it and reports that tier 2 cannot reach the lifeboat instead of silently
@@ -34,7 +38,7 @@ rewriting scheduling intent.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 CONTROL_PLANE_TAINT = "node-role.kubernetes.io/control-plane"
@@ -58,6 +62,16 @@ POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
 }
 #: Kinds whose replicas spread over nodes: long-running, replicated by count.
 SPREAD_KINDS = frozenset({"Deployment", "StatefulSet", "ReplicaSet"})
+
+#: Change codes of :func:`patch`. ``priority``: the tier's class set where upstream had none;
+#: ``priority-replaced``: an upstream class that disagreed with the tier order was replaced.
+PRIORITY = "priority"
+PRIORITY_REPLACED = "priority-replaced"
+TOLERATION = "toleration"
+SPREAD = "spread"
+CHANGES: tuple[str, ...] = (PRIORITY, PRIORITY_REPLACED, TOLERATION, SPREAD)
+#: Each code once, so the same code read back from JSON for many objects is one string object.
+_INTERNED = {code: code for code in CHANGES}
 
 
 class PolicyError(ValueError):
@@ -125,16 +139,16 @@ def apply_tier_policy(obj: dict[str, Any], *, tier: int, policy: Any) -> dict[st
     return patch(obj, tier=tier, policy=policy)[0]
 
 
-def patch(obj: dict[str, Any], *, tier: int, policy: Any) -> tuple[dict[str, Any], list[str]]:
-    """Like :func:`apply_tier_policy`, plus a list of what changed, for the install inventory.
+def patch(obj: dict[str, Any], *, tier: int, policy: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Like :func:`apply_tier_policy`, plus the codes (:data:`CHANGES`) of what changed, for the inventory.
 
-    An empty list means the object already conformed (or is not a workload). Workloads come
+    An empty tuple means the object already conformed (or is not a workload). Workloads come
     back as a fresh copy either way; anything else is returned as is (it is never modified).
     """
     kind = str(obj.get("kind", ""))
     path = POD_SPEC_PATHS.get(kind)
     if path is None:
-        return obj, []
+        return obj, ()
     pcn, tolerate, spread = policy_fields(policy, tier=tier)
     out = copy.deepcopy(obj)
     spec = _ensure_path(out, path)
@@ -147,12 +161,12 @@ def patch(obj: dict[str, Any], *, tier: int, policy: Any) -> tuple[dict[str, Any
         # server rejects a mismatch), so it goes along with the class it belonged to.
         if "priority" in spec:
             del spec["priority"]
-        changes.append(f"priorityClassName: {old or '-'} -> {pcn}")
+        changes.append(PRIORITY_REPLACED if old else PRIORITY)
 
     if tolerate and not tolerates_control_plane(spec.get("tolerations")):
         tolerations = spec.get("tolerations")
         spec["tolerations"] = [*(tolerations if isinstance(tolerations, list) else []), dict(CONTROL_PLANE_TOLERATION)]
-        changes.append(f"tolerations: + {CONTROL_PLANE_TAINT}:NoSchedule")
+        changes.append(TOLERATION)
 
     if spread and kind in SPREAD_KINDS:
         selector = _selector_labels(out)
@@ -171,9 +185,37 @@ def patch(obj: dict[str, Any], *, tier: int, policy: Any) -> tuple[dict[str, Any
                 *(preferred if isinstance(preferred, list) else []),
                 term,
             ]
-            changes.append(f"podAntiAffinity: + preferred spread over {HOSTNAME_TOPOLOGY}")
+            changes.append(SPREAD)
 
-    return out, changes
+    return out, tuple(changes)
+
+
+def read_changes(raw: Any) -> tuple[str, ...]:
+    """Change codes as stored (a JSON list), interned; codes this agent does not know are kept.
+
+    Unknown codes come from a newer agent's cache or inventory: shown as they are rather than
+    dropped, since they still say the object was patched.
+    """
+    if not isinstance(raw, list):
+        return ()
+    return tuple(_INTERNED.get(str(code), str(code)) for code in raw)
+
+
+def tier_counts(objects: Iterable[tuple[int, Sequence[str]]]) -> dict[int, dict[str, int]]:
+    """tier → {"objects": patched objects, code: objects with that change}, from (tier, codes) pairs.
+
+    The concise view for ``edgefleet-agent status`` and the inventory's annotation; objects
+    without changes are not counted (they already conformed, or are not workloads).
+    """
+    out: dict[int, dict[str, int]] = {}
+    for tier, codes in objects:
+        if not codes:
+            continue
+        counts = out.setdefault(tier, {"objects": 0})
+        counts["objects"] += 1
+        for code in codes:
+            counts[code] = counts.get(code, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def tolerates_control_plane(tolerations: Any) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as agent_config
-from agent import exitcodes, sitestatus
+from agent import exitcodes, placement, sitestatus
 from agent.state import DB_NAME
 
 #: Written by the daemon (agent/daemon.py STATE_KEY); duplicated to keep this command light.
@@ -28,6 +28,9 @@ DAEMON_KEY = "daemon.state"
 INSTALL_CURRENT_KEY = "install.current"
 LINK_KEY = "link.state"
 LINK_LAST_PUBLISH_KEY = "link.last_publish"
+#: The installer's rendered cache (agent/install/cache.py cache_dir), read as plain JSON.
+RENDERED_DIR = "rendered"
+SPEC_FILE = "spec.json"
 RECENT_EVENTS = 10
 
 
@@ -75,6 +78,35 @@ def _pid_alive(pid: Any) -> bool | None:
     return b"edgefleet" in cmdline or b"agent.cli" in cmdline
 
 
+def placement_record(state_dir: Path, bundle_id: Any) -> dict[str, Any] | None:
+    """What the install-time tier policy changed in the installed bundle, from its rendered cache.
+
+    The cache's ``spec.json`` is small (object keys and change codes, no objects), so this stays
+    cheap. None without an installed bundle; ``recorded: false`` when the cache is gone or was
+    written by an agent that did not record placement (the next install renders it again).
+    """
+    if not isinstance(bundle_id, str) or not bundle_id:
+        return None
+    out: dict[str, Any] = {"bundle_id": bundle_id, "recorded": False, "by_tier": {}, "objects": []}
+    try:
+        doc = json.loads((state_dir / RENDERED_DIR / bundle_id / SPEC_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return out
+    units = [u for u in doc.get("units") or [] if isinstance(u, dict)]
+    if not units or not all(isinstance(u.get("placement"), dict) for u in units):
+        return out
+    patched = [
+        (int(u.get("tier") or 0), str(key), str(u.get("name")), placement.read_changes(codes))
+        for u in units for key, codes in sorted(u["placement"].items())
+    ]  # fmt: skip
+    counts = placement.tier_counts((tier, codes) for tier, _, _, codes in patched)
+    objects = [{"tier": tier, "key": key, "component": comp, "changes": list(codes)}
+               for tier, key, comp, codes in patched]
+    out.update(recorded=True, by_tier={str(t): c for t, c in counts.items()},
+               objects=sorted(objects, key=lambda o: (o["tier"], o["key"])))
+    return out
+
+
 def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (missing parts are None or empty)."""
     now = time.time() if now is None else now
@@ -117,6 +149,7 @@ def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
                 last_good = {"name": r["name"], "version": r["version"], "release": r["release"]}
         runs = _rows(db, "SELECT id, bundle, state, error, updated FROM install_runs ORDER BY id DESC LIMIT 1")
         last_run = dict(runs[0]) if runs else None
+        report["placement"] = placement_record(state_dir, current_id)
         report["install"] = {
             "bundle": install.get("bundle"),
             "install_state": install.get("install_state", "idle"),
@@ -182,7 +215,27 @@ def human_age(seconds: float | None) -> str:
     return f"{total}s"
 
 
-def render(report: dict[str, Any], *, site: str) -> str:
+def _placement_lines(record: dict[str, Any] | None, *, objects: bool) -> list[str]:
+    if record is None:
+        return []
+    if not record.get("recorded"):
+        return ["  placement: not recorded for this bundle (rendered by an older agent, or cache removed)"]
+    tiers = record.get("by_tier") or {}
+    if not tiers:
+        return ["  placement: every workload already matched its tier policy (nothing patched)"]
+    parts = []
+    for tier, counts in tiers.items():
+        codes = ", ".join(f"{code} {n}" for code, n in counts.items() if code != "objects")
+        parts.append(f"tier {tier}: {counts['objects']} ({codes})")
+    hint = "" if objects else " [--placement lists them]"
+    lines = [f"  placement: workloads patched at install: {'; '.join(parts)}{hint}"]
+    if objects:
+        lines += [f"    tier {o['tier']} {o['key']} ({o['component']}): {', '.join(o['changes'])}"
+                  for o in record.get("objects") or []]
+    return lines
+
+
+def render(report: dict[str, Any], *, site: str, placement_objects: bool = False) -> str:
     lines = [f"site {site}"]
     if not report.get("initialized"):
         lines.append(f"  no agent state yet ({report['state_db']} does not exist): fresh node, agent never ran")
@@ -224,6 +277,7 @@ def render(report: dict[str, Any], *, site: str) -> str:
         lines.append(f"  last run:  {run['bundle']} {run['state']}: {run['error']}")
     for bad in inst.get("bad_versions") or []:
         lines.append(f"  BAD:       {bad['bundle']}: {bad['reason']}")
+    lines += _placement_lines(report.get("placement"), objects=placement_objects)
 
     layers = report.get("layers") or {}
     if layers:
@@ -305,11 +359,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
-        sys.stdout.write(render(report, site=config.site_id))
+        sys.stdout.write(render(report, site=config.site_id, placement_objects=args.placement))
     return exitcodes.OK
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("status", help="print this site's state (reads the state DB, read-only)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--placement", action="store_true",
+                        help="list each workload the install-time tier policy patched, with its changes")
     parser.set_defaults(func=_cmd_status)

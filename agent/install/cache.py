@@ -20,11 +20,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from agent import placement
 from agent.install import model
 
-#: 2: one JSON document per line in the blobs (see model.pack); older caches are rendered again.
-VERSION = 2
+#: 2: one JSON document per line in the blobs (see model.pack); 3: per-unit ``placement``
+#: (object key → change codes). Older caches are rendered again, so the inventory never shows
+#: "nothing patched" for a bundle merely rendered by an older agent.
+VERSION = 3
 SPEC_FILE = "spec.json"
 
 
@@ -45,6 +49,7 @@ def write(spec: model.Spec, target: Path, *, declared: dict[str, float | None]) 
                 "depends_on": list(unit.depends_on), "declared_timeout": declared.get(unit.name),
                 "checks": unit.checks, "images": unit.images, "keys": unit.keys,
                 "kinds": sorted(list(k) for k in unit.kinds), "gate_checks": unit.gate_checks, "blob": blob,
+                "placement": {key: list(codes) for key, codes in sorted(unit.placement.items())},
             })
         doc = {
             "version": VERSION, "bundle_id": spec.bundle_id, "name": spec.name, "version_": spec.version,
@@ -74,16 +79,29 @@ def read(target: Path, *, default_timeout: float) -> model.Spec | None:
     units = []
     for u in doc["units"]:
         timeout = u["declared_timeout"]
+        keys = u["keys"]
         units.append(model.Unit(
             name=u["name"], layer=u["layer"], tier=u["tier"], namespace=u["namespace"],
             depends_on=tuple(u["depends_on"]), gate_timeout=float(timeout) if timeout else default_timeout,
-            checks=u["checks"], images=u["images"], blob=(target / u["blob"]).read_bytes(), keys=u["keys"],
+            checks=u["checks"], images=u["images"], blob=(target / u["blob"]).read_bytes(), keys=keys,
             kinds={(k[0], k[1]) for k in u["kinds"]}, gate_checks=u["gate_checks"],
+            placement=read_placement(u.get("placement"), keys=keys),
         ))
     return model.Spec(
         bundle_id=doc["bundle_id"], name=doc["name"], version=doc["version_"], release=doc["release"],
         created=doc["created"], path=doc["path"], units=units, images_dir=doc["images_dir"],
     )
+
+
+def read_placement(raw: Any, *, keys: list[str]) -> dict[str, tuple[str, ...]]:
+    """A unit's stored placement record, keyed by the unit's own key strings (no second copy of each).
+
+    Entries for keys the unit does not have are dropped: the record describes the unit's objects.
+    """
+    if not isinstance(raw, dict):
+        return {}
+    own = {key: key for key in keys}
+    return {own[key]: placement.read_changes(codes) for key, codes in raw.items() if key in own}
 
 
 def render_to(staged: Path, target: Path) -> None:

@@ -6,6 +6,11 @@ into ``binaryData`` when it would not fit comfortably (ConfigMaps cap at 1 MiB).
 copy lets an operator (or a re-installed agent with an empty disk) see what edgefleet owns;
 the local copy is what the engine reads, because it must work while the API is unreachable.
 
+Next to the keys, ``placement.json`` records what the install-time tier policy changed
+(:mod:`agent.placement`): object key → change codes, only for objects it changed, and the
+annotation ``edgefleet.io/placement`` counts them per tier (``tier2=5,tier3=2``). An inventory
+written by an older agent has neither; it still decodes (no placement record).
+
 The target bundle's inventory is written *before* its first object is applied (state
 ``pending``), so after any crash the union "old inventory + new inventory" bounds every
 object the agent could have created: that is what rollback and prune work from.
@@ -15,11 +20,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zstandard
 
-from agent import kube
+from agent import kube, placement
 from agent.install import model
 
 COMPRESS_OVER = 256 * 1024
@@ -30,24 +36,66 @@ def name_for(*, bundle_name: str, release: int) -> str:
     return f"edgefleet-inventory-{bundle_name}-{release}"[:253]
 
 
-def encode(refs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(data, binaryData) for the ConfigMap."""
-    raw = json.dumps(refs, sort_keys=True, separators=(",", ":"))
-    if len(raw) <= COMPRESS_OVER:
-        return {"objects.json": raw}, {}
-    packed = zstandard.ZstdCompressor(level=10).compress(raw.encode())
-    return {}, {"objects.json.zst": base64.b64encode(packed).decode()}
+OBJECTS = "objects.json"
+PLACEMENT = "placement.json"
 
 
-def decode(cm: dict[str, Any]) -> dict[str, str]:
+def encode(
+    refs: dict[str, str], placement_record: Mapping[str, Sequence[str]] | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(data, binaryData) for the ConfigMap; each document compressed on its own when large."""
+    data: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    docs: dict[str, object] = {OBJECTS: refs}
+    if placement_record:
+        docs[PLACEMENT] = {key: list(codes) for key, codes in placement_record.items()}
+    for name, doc in docs.items():
+        raw = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        if len(raw) <= COMPRESS_OVER:
+            data[name] = raw
+        else:
+            packed = zstandard.ZstdCompressor(level=10).compress(raw.encode())
+            binary[f"{name}.zst"] = base64.b64encode(packed).decode()
+    return data, binary
+
+
+def _document(cm: Mapping[str, Any], name: str) -> Any:
+    """One JSON document of the ConfigMap (plain or zstd in binaryData), or None if absent."""
     data = cm.get("data") or {}
-    if "objects.json" in data:
-        return dict(json.loads(data["objects.json"]))
-    packed = (cm.get("binaryData") or {}).get("objects.json.zst")
+    if name in data:
+        return json.loads(data[name])
+    packed = (cm.get("binaryData") or {}).get(f"{name}.zst")
     if packed:
         raw = zstandard.ZstdDecompressor().decompress(base64.b64decode(packed), max_output_size=64 * 1024 * 1024)
-        return dict(json.loads(raw))
-    return {}
+        return json.loads(raw)
+    return None
+
+
+def decode(cm: Mapping[str, Any]) -> dict[str, str]:
+    """Object key → component."""
+    doc = _document(cm, OBJECTS)
+    return dict(doc) if isinstance(doc, dict) else {}
+
+
+def decode_placement(cm: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Object key → placement change codes; empty for an inventory written before they were recorded."""
+    doc = _document(cm, PLACEMENT)
+    if not isinstance(doc, dict):
+        return {}
+    return {str(key): placement.read_changes(codes) for key, codes in doc.items()}
+
+
+def placement_of(spec: model.Spec, refs: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """The spec's placement record for the objects in ``refs`` (what this inventory lists)."""
+    return {key: codes for unit in spec.units for key, codes in unit.placement.items() if key in refs}
+
+
+def summary(spec: model.Spec, refs: Mapping[str, str]) -> str:
+    """``tier2=5,tier3=2``: objects patched per tier (the annotation; ``none`` if nothing was)."""
+    counts = placement.tier_counts(
+        (unit.tier, codes) for unit in spec.units for key, codes in unit.placement.items() if key in refs
+    )
+    return ",".join(f"tier{tier}={c['objects']}" for tier, c in counts.items()) or "none"
 
 
 async def ensure_namespace(api: Any) -> None:
@@ -64,7 +112,7 @@ async def ensure_namespace(api: Any) -> None:
 async def write(api: Any, spec: model.Spec, refs: dict[str, str], *, state: str) -> None:
     """Write (server-side apply) the bundle's inventory ConfigMap with ``state`` pending|committed."""
     await ensure_namespace(api)
-    data, binary = encode(refs)
+    data, binary = encode(refs, placement_of(spec, refs))
     cm: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -76,6 +124,7 @@ async def write(api: Any, spec: model.Spec, refs: dict[str, str], *, state: str)
                 "edgefleet.io/bundle-id": spec.bundle_id,
                 "edgefleet.io/state": state,
                 "edgefleet.io/objects": str(len(refs)),
+                "edgefleet.io/placement": summary(spec, refs),
             },
         },
         "data": data,

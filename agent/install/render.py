@@ -11,7 +11,9 @@ What rendering does:
   CRDs the bundle itself carries, so no API round-trip is needed);
 * the lead's labels (``app.kubernetes.io/managed-by``, ``edgefleet.io/component|layer|tier|bundle``)
   on every object, and ``component``/``tier`` on pod templates;
-* the tier's placement policy (:func:`agent.placement.apply_tier_policy`).
+* the tier's placement policy (:func:`agent.placement.patch`), whose change codes come back
+  with the object so the caller records them (:attr:`model.Unit.placement`, then the cache and
+  the inventory ConfigMap).
 
 The live replica count of a workload scaled by the degradation controller is substituted at
 apply time (:func:`keep_live_replicas`), not here: it is cluster state, not bundle content.
@@ -97,7 +99,8 @@ def render(
     bundle_label: str,
     policy: Any,
     crds: Mapping[tuple[str, str], bool],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The rendered object and the placement change codes (empty: not a workload, or it conformed)."""
     out = dict(obj)  # a shallow copy: callers hand over freshly parsed objects
     meta = out["metadata"] = dict(out.get("metadata") or {})
     if is_namespaced(out, crds):
@@ -124,9 +127,9 @@ def render(
         tmeta = node.setdefault("metadata", {})
         tlabels = tmeta.get("labels") if isinstance(tmeta.get("labels"), dict) else {}
         tmeta["labels"] = {**tlabels, model.LABEL_COMPONENT: unit.name, model.LABEL_TIER: str(unit.tier)}
-    if policy is not None:
-        out = placement.apply_tier_policy(out, tier=unit.tier, policy=policy)
-    return out
+    if policy is None:
+        return out, ()
+    return placement.patch(out, tier=unit.tier, policy=policy)
 
 
 def object_labels(*, unit: model.Unit, bundle_label: str) -> dict[str, str]:

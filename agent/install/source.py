@@ -82,12 +82,14 @@ def _render_all(spec: model.Spec, *, tiers: Any, staged: Path, components: dict[
         crds.update(render.crd_scopes(objects))
         rendered = []
         for obj in objects:
-            out = render.render(obj, unit=unit, bundle_label=spec.label, policy=tiers or None, crds=crds)
+            out, changes = render.render(obj, unit=unit, bundle_label=spec.label, policy=tiers or None, crds=crds)
             key = model.Ref.of(out).key
             if key in seen:
                 # Two components claiming one object would make prune and rollback ambiguous.
                 raise SpecError(f"{model.Ref.of(out)} is in both {seen[key]} and {unit.name}")
             seen[key] = unit.name
+            if changes:
+                unit.placement[key] = changes
             rendered.append(out)
         unit.set_objects(rendered)
         unit.gate_checks = gates.unit_checks(unit, rendered)

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sim import admin, quantity
+from sim import admin, images, quantity
 from sim.cluster import NodeSize, Timing
 
 EXIT_OK, EXIT_USAGE, EXIT_ADMIN, EXIT_PORT = 0, 2, 3, 4
@@ -45,6 +45,15 @@ def _quantity(value: str) -> str:
     return value
 
 
+def _pullable(value: str) -> list[str]:
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    try:
+        images.Pullable.of(entries)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return entries
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefleet-sim", description="A simulated edge site speaking the Kubernetes API.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-cpu", type=_quantity, default="4")
     run.add_argument("--node-memory", type=_quantity, default="4Gi")
     run.add_argument("--node-pods", type=int, default=110)
+    run.add_argument("--pullable", type=_pullable, metavar="LIST",
+                     help="comma-separated registries (docker.io, registry.local:5000), repositories (nginx) or "
+                          "references (nginx:1.27) the kubelets can pull; others fail with ErrImagePull/"
+                          "ImagePullBackOff. Default: every image. An empty LIST: none (air-gapped, no registry)")
     run.add_argument("--workdir", type=Path, help="directory for generated certificates")
     run.add_argument("--verbose", action="store_true", help="log model events to stderr")
     node = sub.add_parser("node", help="inject a node fault into a running sim")
@@ -83,7 +96,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with serve(nodes=args.nodes, speed=args.speed, tls=args.tls, token=args.token, port=args.port,
                          host=args.host, kubeconfig_out=args.kubeconfig_out, workdir=args.workdir, timing=timing,
-                         size=size, quiet=not args.verbose) as site:
+                         size=size, pullable=args.pullable, quiet=not args.verbose) as site:
             print(f"edgefleet-sim ready url={site.url} kubeconfig={site.kubeconfig} nodes={','.join(args.nodes)} "
                   f"speed={args.speed:g}", flush=True)
             await stop.wait()

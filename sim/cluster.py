@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sim import apiserver, controllers, errors, patching, quantity, resources, scheduler, selectors
+from sim import apiserver, controllers, errors, images, patching, quantity, resources, scheduler, selectors
 from sim.clock import Clock
 from sim.store import Event, Store
 
@@ -49,6 +49,9 @@ class Timing:
     node_monitor_grace: float = 40.0
     crd_establish: float = 0.05
     controller_retry: float = 2.0
+    pull_resync: float = 1.0  # a failed pull shows ErrImagePull until the pod's next sync: then ImagePullBackOff
+    image_backoff: float = 10.0  # the kubelet's image pull back-off: 10 s doubling ...
+    image_backoff_max: float = 300.0  # ... up to 5 minutes
 
 
 @dataclasses.dataclass
@@ -70,6 +73,26 @@ class NodeState:
     last_renew: float = 0.0
     ready: bool = True
     pod_seq: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(2))
+    images: set[str] = dataclasses.field(default_factory=set)  # pulled onto this node (containerd's store)
+
+
+def _latest(image: str) -> bool:
+    """The API server's default pull policy is Always for ``:latest`` or an untagged, undigested image."""
+    if "@" in image:
+        return False
+    last = image.rpartition("/")[2]
+    return ":" not in last or last.endswith(":latest")
+
+
+def _invalid_reported(pod: dict[str, Any]) -> bool:
+    """The kubelet already reported InvalidImageName for the images the pod has now (it never retries those;
+    a pod whose image is edited gets a new status image and is looked at again)."""
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    images = {c.get("name"): c.get("image") for c in [*(spec.get("initContainers") or []),
+                                                       *(spec.get("containers") or [])]}
+    return any(((cs.get("state") or {}).get("waiting") or {}).get("reason") == "InvalidImageName"
+               and images.get(cs.get("name")) == cs.get("image")
+               for field in ("initContainerStatuses", "containerStatuses") for cs in status.get(field) or [])
 
 
 def micro_now() -> str:
@@ -101,6 +124,7 @@ class Cluster:
         size: NodeSize | None = None,
         sizes: dict[str, NodeSize] | None = None,
         servers: list[str] | None = None,
+        pullable: images.Pullable | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         if not nodes:
@@ -109,6 +133,9 @@ class Cluster:
         self.timing = timing or Timing()
         self.size = size or NodeSize()
         self.sizes = sizes or {}
+        #: What the kubelets can pull (replaceable at run time: pods in back-off retry against the new set).
+        self.pullable = pullable or images.Pullable()
+        self._pull_backoff: dict[str, tuple[int, float]] = {}  # pod uid -> (failed pulls, current back-off)
         self.store = Store()
         self.registry = resources.Registry()
         self.api = apiserver.ApiServer(self.store, self.registry)
@@ -444,7 +471,7 @@ class Cluster:
         if node is None or node.state != "up":
             return
         key = self._pod_key(pod)
-        if key in self._pod_timers:
+        if key in self._pod_timers or _invalid_reported(pod):
             return
         uid = pod["metadata"].get("uid")
         self._pod_timers[key] = self.later(self.timing.pod_startup, self._start_pod, key, uid)
@@ -454,10 +481,14 @@ class Cluster:
         ns, name = key.split("/", 1)
         pod = self.api.get(("", "pods"), ns, name)
         if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
+            self._pull_backoff.pop(uid, None)
             return
         node = self.nodes.get(pod["spec"].get("nodeName", ""))
         if node is None or node.state != "up":
             return
+        if self._pull_images(pod, node, key):
+            return
+        self._pull_backoff.pop(uid, None)
         now = apiserver.now_iso()
         new = json.loads(json.dumps(pod))
         status = new.setdefault("status", {})
@@ -489,6 +520,161 @@ class Cluster:
         # Job pods run to completion; other containers are modelled as long-running servers.
         if any(o.get("kind") == "Job" for o in pod["metadata"].get("ownerReferences") or []):
             self.later(self.timing.job_duration, self._complete_pod, key, uid)
+
+    # --- kubelet: image pulls ------------------------------------------------------------------------------------
+    def _pull_images(self, pod: dict[str, Any], node: NodeState, key: str) -> bool:
+        """The kubelet's image manager before it starts the pod's containers; True when a pull failed.
+
+        Init containers come first (an image failing there leaves the app containers ``PodInitializing``);
+        otherwise every app container is tried, those with their image run and the others wait, so the pod
+        stays Pending and not Ready. ``ErrImagePull`` (events Pulling, Failed ``Failed to pull image "x": ...``,
+        Failed ``Error: ErrImagePull``) turns into ``ImagePullBackOff`` (events BackOff, Failed ``Error:
+        ImagePullBackOff``) at the pod's next sync, and the pull is retried when the back-off (10 s doubling
+        to 300 s, per pod) runs out. ``InvalidImageName`` is never retried.
+        """
+        spec = pod.get("spec") or {}
+        inits, apps = spec.get("initContainers") or [], spec.get("containers") or []
+        failed: dict[str, tuple[str, str]] = {}
+        for c in inits:
+            err = self._pull(pod, node, c)
+            if err is not None:
+                failed[c.get("name", "")] = err
+                break
+        if not failed:
+            for c in apps:
+                err = self._pull(pod, node, c)
+                if err is not None:
+                    failed[c.get("name", "")] = err
+        if not failed:
+            return False
+        uid = pod["metadata"]["uid"]
+        retry = any(reason != "InvalidImageName" for reason, _ in failed.values())
+        if retry:
+            count, _ = self._pull_backoff.get(uid, (0, 0.0))
+            backoff = min(self.timing.image_backoff * 2 ** count, self.timing.image_backoff_max)
+            self._pull_backoff[uid] = (count + 1, backoff)
+            resync = min(self.timing.pull_resync, backoff)
+            self._pod_timers[key] = self.later(resync, self._pull_backed_off, key, uid, backoff - resync)
+        self._write_waiting(pod, node, failed, init_failed=bool(inits) and next(iter(failed)) in
+                            {c.get("name") for c in inits})
+        return True
+
+    def _pull(self, pod: dict[str, Any], node: NodeState, container: dict[str, Any]) -> tuple[str, str] | None:
+        """One container's image: ``None`` when present or pulled, else ``(reason, message)`` (events recorded)."""
+        image = str(container.get("image") or "")
+        policy = container.get("imagePullPolicy") or ("Always" if _latest(image) else "IfNotPresent")
+        if image in node.images and policy != "Always":
+            return None
+        events = self.controllers._event
+        err = self.pullable.error(image)
+        if err is not None and err[0] == "InvalidImageName":
+            events(pod, "Warning", "InspectFailed", err[1], component="kubelet")
+        elif policy == "Never":
+            err = ("ErrImageNeverPull", f'Container image "{image}" is not present with pull policy of Never')
+            events(pod, "Warning", "ErrImageNeverPull", err[1], component="kubelet")
+        else:
+            events(pod, "Normal", "Pulling", f'Pulling image "{image}"', component="kubelet")
+            if err is None:
+                node.images.add(image)
+                events(pod, "Normal", "Pulled", f'Successfully pulled image "{image}"', component="kubelet")
+                return None
+            events(pod, "Warning", "Failed", f'Failed to pull image "{image}": {err[1]}', component="kubelet")
+        events(pod, "Warning", "Failed", f"Error: {err[0]}", component="kubelet")
+        return err
+
+    def _pull_backed_off(self, key: str, uid: str, remaining: float) -> None:
+        """The pod's next sync while its pull is backing off: ``ImagePullBackOff``; retry when it runs out."""
+        self._pod_timers.pop(key, None)
+        ns, name = key.split("/", 1)
+        pod = self.api.get(("", "pods"), ns, name)
+        if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
+            self._pull_backoff.pop(uid, None)
+            return
+        node = self.nodes.get(pod["spec"].get("nodeName", ""))
+        if node is None or node.state != "up":
+            return
+        self._pod_timers[key] = self.later(remaining, self._start_pod, key, uid)
+        new = json.loads(json.dumps(pod))
+        for field in ("initContainerStatuses", "containerStatuses"):
+            for cs in (new.get("status") or {}).get(field) or []:
+                waiting = (cs.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") == "ErrImagePull":
+                    image = cs.get("image", "")
+                    cs["state"] = {"waiting": {"reason": "ImagePullBackOff", "message":
+                                               f'Back-off pulling image "{image}": ErrImagePull: '
+                                               f'{waiting.get("message", "")}'}}
+                    self.controllers._event(pod, "Normal", "BackOff", f'Back-off pulling image "{image}"',
+                                            component="kubelet")
+                    self.controllers._event(pod, "Warning", "Failed", "Error: ImagePullBackOff", component="kubelet")
+        if new != pod:
+            self.api.update(self.res("", "pods"), ns, name, new, manager="k3s", subresource="status")
+
+    def _write_waiting(self, pod: dict[str, Any], node: NodeState, failed: dict[str, tuple[str, str]], *,
+                       init_failed: bool) -> None:
+        """Pending with a sandbox (pod IP) and waiting containers, as a real kubelet reports a failed pull."""
+        now = apiserver.now_iso()
+        new = json.loads(json.dumps(pod))
+        status = new.setdefault("status", {})
+        old = {c.get("type"): c for c in status.get("conditions") or []}
+        status["phase"] = "Pending"
+        status["hostIP"] = f"172.18.0.{node.index + 2}"
+        status["hostIPs"] = [{"ip": status["hostIP"]}]
+        if not status.get("podIP"):
+            ip = f"10.42.{node.index}.{next(node.pod_seq) % 250 + 2}"
+            status["podIP"] = ip
+            status["podIPs"] = [{"ip": ip}]
+        status.setdefault("startTime", now)
+        spec = pod["spec"]
+        uid = pod["metadata"]["uid"]
+        restarts = {c.get("name"): c.get("restartCount", 0) for c in status.get("containerStatuses") or []}
+
+        def waiting(c: dict[str, Any], default: str) -> dict[str, Any]:
+            reason, message = failed.get(c.get("name", ""), (default, ""))
+            return {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+
+        def entry(c: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+            running = "running" in state
+            out = {"name": c.get("name"), "image": c.get("image"), "imageID": "", "ready": running,
+                   "started": running, "restartCount": restarts.get(c.get("name"), 0), "state": state}
+            if "waiting" not in state:
+                out["imageID"] = f"{c.get('image')}@sha256:sim"
+            if running:
+                out["containerID"] = f"containerd://{uid}-{c.get('name')}"
+            return out
+
+        inits = spec.get("initContainers") or []
+        if inits:
+            done = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}
+            stuck = next((i for i, c in enumerate(inits) if c.get("name") in failed), len(inits))
+            status["initContainerStatuses"] = [entry(c, done if i < stuck else waiting(c, "PodInitializing"))
+                                               for i, c in enumerate(inits)]
+        status["containerStatuses"] = [
+            entry(c, waiting(c, "PodInitializing") if init_failed or c.get("name") in failed
+                  else {"running": {"startedAt": now}})
+            for c in spec.get("containers") or []]
+        unready = [c.get("name") for c in spec.get("containers") or [] if init_failed or c.get("name") in failed]
+        pending_inits = [c.get("name") for c in inits[stuck:]] if inits else []
+
+        def cond(ctype: str, ok: bool, reason: str = "", message: str = "") -> dict[str, Any]:
+            prev = old.get(ctype) or {}
+            value = "True" if ok else "False"
+            c: dict[str, Any] = {"type": ctype, "status": value, "lastProbeTime": None,
+                                 "lastTransitionTime": prev.get("lastTransitionTime", now)
+                                 if prev.get("status") == value else now}
+            if not ok:
+                c["reason"], c["message"] = reason, message
+            return c
+
+        names = " ".join(str(n) for n in unready)  # Go's %v of a []string
+        status["conditions"] = [
+            cond("PodReadyToStartContainers", True),
+            cond("Initialized", not init_failed, "ContainersNotInitialized",
+                 f"containers with incomplete status: [{' '.join(str(n) for n in pending_inits)}]"),
+            cond("Ready", False, "ContainersNotReady", f"containers with unready status: [{names}]"),
+            cond("ContainersReady", False, "ContainersNotReady", f"containers with unready status: [{names}]"),
+            cond("PodScheduled", True)]
+        self.api.update(self.res("", "pods"), new["metadata"]["namespace"], new["metadata"]["name"], new,
+                        manager="k3s", subresource="status")
 
     def _complete_pod(self, key: str, uid: str) -> None:
         ns, name = key.split("/", 1)

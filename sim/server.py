@@ -7,12 +7,12 @@ import dataclasses
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from aiohttp import web
 
-from sim import certs, http, kubeconfig
+from sim import certs, http, images, kubeconfig
 from sim.clock import Clock
 from sim.cluster import Cluster, NodeSize, Timing
 
@@ -44,6 +44,10 @@ class Site:
         self._check(name)
         await self.cluster.partition_node(name)
 
+    def set_pullable(self, pullable: Iterable[str] | None) -> None:
+        """Change what the kubelets can pull (None: everything); pods backing off retry at their next pull."""
+        self.cluster.pullable = images.Pullable.of(pullable)
+
     def _check(self, name: str) -> None:
         if name not in self.cluster.nodes:
             raise KeyError(f"no node {name!r} (nodes: {', '.join(self.cluster.nodes)})")
@@ -63,15 +67,17 @@ async def serve(
     timing: Timing | None = None,
     size: NodeSize | None = None,
     sizes: dict[str, NodeSize] | None = None,
+    pullable: Iterable[str] | None = None,
     quiet: bool = True,
 ) -> AsyncIterator[Site]:
+    """``pullable``: the images the kubelets can get (sim.images; None: every image)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-sim-")))
         workdir.mkdir(parents=True, exist_ok=True)
         logs: list[str] = []
         cluster = Cluster(nodes=nodes, speed=speed, timing=timing, size=size, sizes=sizes,
-                          log=logs.append if quiet else None)
+                          pullable=images.Pullable.of(pullable), log=logs.append if quiet else None)
         ssl_ctx = None
         ca_file = None
         if tls:

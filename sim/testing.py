@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,12 @@ async def running(
     timing: Timing | None = None,
     size: NodeSize | None = None,
     sizes: dict[str, NodeSize] | None = None,
+    pullable: Iterable[str] | None = None,
 ) -> AsyncIterator[Site]:
+    """``pullable``: registries, repositories or references the kubelets can get (None: every image; see
+    sim.images); any other image fails to pull (ErrImagePull, then ImagePullBackOff)."""
     async with serve(nodes=list(nodes), speed=speed, tls=tls, token=token, workdir=workdir, timing=timing,
-                     size=size, sizes=sizes) as site:
+                     size=size, sizes=sizes, pullable=pullable) as site:
         yield site
 
 
@@ -171,6 +174,7 @@ def start_process(
     workdir: Path | None = None,
     *,
     extra_args: list[str] | None = None,
+    pullable: Iterable[str] | None = None,
     timeout: float = 30.0,
 ) -> ProcessSite:
     """Start ``edgefleet-sim run`` in a subprocess on a free port; returns once it printed its ready line."""
@@ -185,6 +189,8 @@ def start_process(
         cmd.append("--tls")
     if token:
         cmd += ["--token", token]
+    if pullable is not None:
+        cmd += ["--pullable", ",".join(pullable)]
     cmd += extra_args or []
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])

@@ -2,7 +2,9 @@
 
 Health (every ``install.health_interval_seconds``): one label-selected LIST per workload kind
 (Deployments, StatefulSets, DaemonSets, Jobs, CRDs), the gates' checks evaluated against it,
-plus a GET per declared check on other kinds. Results go to ``site.install`` and metrics.
+plus a GET per declared check on other kinds. An unhealthy workload's Pending pods are listed
+(one LIST each, only then) so a container that cannot get its image is the reported reason.
+Results go to ``site.install`` and metrics.
 
 Drift (every ``install.drift_interval_seconds``): per component and kind, a metadata-only LIST
 (a server-side ``Table`` with ``includeObject=Metadata``: names and resourceVersions, not the
@@ -181,6 +183,8 @@ class Supervisor:
                         ok, why = await self._crd(check, key, crd_versions.get(key))
                     elif check["kind"] in HEALTH_KINDS and check["type"] != "condition":
                         ok, why = gates.evaluate(check, obj)
+                        if not ok and obj is not None:
+                            why = await self._image_reason(check, obj, why)
                     else:
                         ok, why = await gates.probe(self.api, check)
                 except gates.GateFailed as exc:
@@ -195,6 +199,16 @@ class Supervisor:
         installer.publish(self.ctx, components=components)
         metrics.refresh(self.ctx.store)
         return components
+
+    async def _image_reason(self, check: dict[str, Any], obj: dict[str, Any], why: str) -> str:
+        """An unhealthy workload whose pods cannot get their image says so (pod, image, kubelet reason),
+        not just "available 0/1": one pod LIST, only for workloads already found unhealthy."""
+        try:
+            problem = gates.image_problem(await gates.pods_of(self.api, check, obj))
+        except kube.KubeError as exc:
+            log.debug("pods of an unhealthy workload not listed", check=check["name"], error=str(exc))
+            return why
+        return f"{gates.describe(check)}: {problem}" if problem else why
 
     async def _crd(self, check: dict[str, Any], key: str, version: str | None) -> tuple[bool, str]:
         if version is None:

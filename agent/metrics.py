@@ -18,10 +18,12 @@ Two kinds:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from agent import protocol, sitestatus
+from agent.degrade import tracker
 from agent.state import StateStore
 
 SITE_STATES = [s.value for s in protocol.SiteState]
@@ -59,7 +61,18 @@ COMPONENTS = Gauge("edgefleet_agent_components", "Components known to the instal
 # --- degradation
 SITE_STATE = Gauge("edgefleet_agent_site_state", "1 for the site's current degradation state", ["state"])
 SITE_STATE_CODE = Gauge("edgefleet_agent_site_state_code", "Degradation state as a number: 0 green .. 3 black")
+SITE_STATE_INFO = Gauge(
+    "edgefleet_agent_site_state_info",
+    "1 for the current degradation state and why, as a short code: none, node-lost, capacity, control-plane-only, "
+    "no-nodes, api-unreachable (unknown: not recorded)",
+    ["state", "reason"],
+)
 NODES = Gauge("edgefleet_agent_nodes", "Cluster nodes, by readiness", ["ready"])
+NODE_AVAILABLE = Gauge(
+    "edgefleet_agent_node_available",
+    "1 if the degradation controller counts the node available, 0 if it counts it lost (what the state is based on)",
+    ["node"],
+)
 SCALED_DOWN = Gauge("edgefleet_agent_scaled_down_workloads", "Workloads currently scaled down by degradation")
 TRANSITIONS = Counter(
     "edgefleet_agent_degradation_transitions_total", "Degradation state changes", ["from_state", "to_state"]
@@ -123,7 +136,13 @@ def refresh(store: StateStore, *, now: float | None = None) -> None:
     for name in SITE_STATES:
         SITE_STATE.labels(name).set(1 if name == state else 0)
     SITE_STATE_CODE.set(_SITE_STATE_CODE.get(state, -1))
+    SITE_STATE_INFO.clear()
+    SITE_STATE_INFO.labels(state if state in _SITE_STATE_CODE else "unknown", cause_label(degradation)).set(1)
     nodes = [n for n in degradation.get("nodes") or [] if isinstance(n, dict)]
+    NODE_AVAILABLE.clear()
+    for n in nodes:
+        if n.get("name"):
+            NODE_AVAILABLE.labels(str(n["name"])).set(1 if n.get("ready") else 0)
     NODES.labels("true").set(sum(1 for n in nodes if n.get("ready")))
     NODES.labels("false").set(sum(1 for n in nodes if not n.get("ready")))
     SCALED_DOWN.set(len(degradation.get("scaled_down") or []))
@@ -133,3 +152,17 @@ def refresh(store: StateStore, *, now: float | None = None) -> None:
     SNAPSHOT_LAST_SUCCESS.set(last or 0)
     SNAPSHOT_FAILURES.set(int((snapshot or {}).get("failures") or 0))
     SNAPSHOT_SIZE.set(int((snapshot or {}).get("size_bytes") or 0))
+
+
+def cause_label(degradation: dict[str, Any]) -> str:
+    """The ``reason`` label: the controller's cause code, ``unknown`` for anything outside the fixed set.
+
+    Mapping unexpected values (a state written by an older or newer agent) to ``unknown``
+    keeps the label's cardinality bounded whatever the store holds; the words are in
+    ``edgefleet-agent status`` and the transition events. A site that never degraded has no
+    degradation record yet and reads as ``none``.
+    """
+    if not degradation:
+        return tracker.CAUSE_NONE
+    cause = degradation.get("cause")
+    return cause if isinstance(cause, str) and cause in tracker.CAUSES else tracker.CAUSE_UNKNOWN

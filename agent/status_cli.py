@@ -134,6 +134,7 @@ def collect(state_dir: Path, *, now: float | None = None) -> dict[str, Any]:
         report["site_state"] = {
             "state": degradation.get("state", "unknown" if not degradation else "green"),
             "reason": degradation.get("reason", ""),
+            "cause": degradation.get("cause", ""),
             "nodes": degradation.get("nodes", []),
             "scaled_down": degradation.get("scaled_down", []),
         }
@@ -251,7 +252,8 @@ def render(report: dict[str, Any], *, site: str, placement_objects: bool = False
         lines.append("  agent:     never started with this state directory")
 
     st = report["site_state"]
-    reason = f" ({st['reason']})" if st.get("reason") else ""
+    cause = f"{st['cause']}: " if st.get("cause") and st["cause"] != "none" else ""
+    reason = f" ({cause}{st['reason']})" if st.get("reason") else ""
     lines.append(f"  state:     {str(st['state']).upper()}{reason}")
     if st["nodes"]:
         nodes = ", ".join(

@@ -23,7 +23,7 @@ as they arrive and the loop sleeps until the earliest moment a lease could go st
    * **restore**, in reverse tier order (3 before 4), one tier per ``restore_stagger_seconds``,
      up to what the plan says fits; at the original count the annotation and the row go.
 
-4. Persists ``site.degradation`` (state, reason, nodes, scaled_down) for ``edgefleet-agent
+4. Persists ``site.degradation`` (state, reason, cause, nodes, scaled_down) for ``edgefleet-agent
    status``, the hub and ``/metrics``; every state change is an event (outbox: works offline);
    Red sets ``ctx.limp_home``.
 
@@ -78,6 +78,8 @@ _SEVERITY = {
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 #: Shortest pause between two ticks however many watch events arrive.
 _MIN_TICK_SECONDS = 0.1
+#: (The dataclass below has a field named ``tracker``, which hides the module in its body.)
+_NO_CAUSE = tracker.CAUSE_NONE
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Controller:
     tracker: tracker.Tracker = field(default_factory=tracker.Tracker)
     state: protocol.SiteState = protocol.SiteState.GREEN
     reason: str = ""
+    #: The reason as a short code (:data:`tracker.CAUSES`), for the metrics label.
+    cause: str = _NO_CAUSE
     state_since: float = 0.0
     unreachable_since: float | None = None
     last_restore: float = float("-inf")
@@ -113,6 +117,7 @@ class Controller:
             tracker=tracker.Tracker.from_json(ctx.store.get(TRACKER_KEY)),
             state=state,
             reason=str(saved.get("reason", "")),
+            cause=str(saved.get("cause") or (tracker.CAUSE_UNKNOWN if saved else tracker.CAUSE_NONE)),
             state_since=float(saved.get("since") or clock()),
         )
         if state is protocol.SiteState.RED:
@@ -214,7 +219,8 @@ class Controller:
                  for n in [str((obj.get("metadata") or {}).get("name", ""))]]  # fmt: skip
         journal = records.load(self.ctx.store)
         if all(n.available for n in nodes) and not journal and nodes and self.reconciled:
-            self.settle(protocol.SiteState.GREEN, "all nodes ready", nodes=nodes, workloads=[], journal={}, now=now)
+            self.settle(protocol.SiteState.GREEN, "all nodes ready", cause=tracker.CAUSE_NONE, nodes=nodes,
+                        workloads=[], journal={}, now=now)
             self.quiet = all(mark.raw for mark in self.tracker.marks.values())
             return
         await self.enforce(api, nodes=nodes, journal=journal, now=now)
@@ -227,7 +233,7 @@ class Controller:
         self.reconciled = True
         fixed = fixed_load(pods, nodes=nodes, workloads=workloads)
         plan = planner.plan(nodes, workloads, fixed=fixed)
-        state, reason = tracker.classify(nodes, plan, workloads)
+        state, cause, reason = tracker.classify(nodes, plan, workloads)
         unplaced = [f"{k[0]}/{k[1]}/{k[2]} short by {v}" for k, v in plan.unplaced.items()]
         if unplaced:
             reason += f"; tiers 1-2 do not fit: {', '.join(unplaced[:5])}"
@@ -263,7 +269,8 @@ class Controller:
         if not journal and baseline is not None:
             self.ctx.store.put(BASELINE_KEY, None)
 
-        self.settle(state, reason, nodes=nodes, workloads=workloads, journal=records.load(self.ctx.store), now=now)
+        self.settle(state, reason, cause=cause, nodes=nodes, workloads=workloads,
+                    journal=records.load(self.ctx.store), now=now)
 
     # ------------------------------------------------------------------ observation
 
@@ -459,23 +466,25 @@ class Controller:
         if self.state is protocol.SiteState.BLACK or now - self.unreachable_since < self.cfg.degrade_dwell_seconds:
             return
         saved = self.ctx.store.get(sitestatus.DEGRADATION_KEY, {}) or {}
-        self.transition(protocol.SiteState.BLACK, f"API server unreachable: {error[:300]}", now=now)
+        self.transition(protocol.SiteState.BLACK, f"API server unreachable: {error[:300]}",
+                        cause=tracker.CAUSE_API_UNREACHABLE, now=now)
         self.ctx.store.put(sitestatus.DEGRADATION_KEY, {**saved, "state": self.state.value, "reason": self.reason,
-                                                        "since": now})  # fmt: skip
+                                                        "cause": self.cause, "since": now})  # fmt: skip
 
     def settle(
         self,
         state: protocol.SiteState,
         reason: str,
         *,
+        cause: str,
         nodes: list[Node],
         workloads: list[Workload],
         journal: Mapping[records.Key, records.Record],
         now: float,
     ) -> None:
         if state is not self.state:
-            self.transition(state, reason, now=now)
-        self.reason = reason
+            self.transition(state, reason, cause=cause, now=now)
+        self.reason, self.cause = reason, cause
         by_key = {w.key: w for w in workloads}
         scaled = [
             protocol.ScaledWorkload(
@@ -490,6 +499,7 @@ class Controller:
         doc = {
             "state": self.state.value,
             "reason": self.reason,
+            "cause": self.cause,
             "since": self.state_since,
             "nodes": [
                 protocol.NodeHealth(name=n.name, ready=n.available, control_plane=n.control_plane).model_dump()
@@ -504,14 +514,14 @@ class Controller:
         ):
             self.ctx.store.put(sitestatus.DEGRADATION_KEY, doc)
 
-    def transition(self, state: protocol.SiteState, reason: str, *, now: float) -> None:
+    def transition(self, state: protocol.SiteState, reason: str, *, cause: str, now: float) -> None:
         previous = self.state
-        self.state, self.reason, self.state_since = state, reason, now
+        self.state, self.cause, self.reason, self.state_since = state, cause, reason, now
         self.ctx.emit(
             "degradation.transition",
             f"site {previous.value} -> {state.value}: {reason}",
             severity=_SEVERITY[state],
-            data={"from": previous.value, "to": state.value, "reason": reason},
+            data={"from": previous.value, "to": state.value, "reason": reason, "cause": cause},
         )
         metrics.TRANSITIONS.labels(previous.value, state.value).inc()
         if state is protocol.SiteState.RED:

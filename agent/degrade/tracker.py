@@ -139,8 +139,23 @@ class Tracker:
 # --------------------------------------------------------------------------- site state
 
 
-def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workload]) -> tuple[protocol.SiteState, str]:
-    """Green/Yellow/Red from the effective nodes and the plan, with the reason in words.
+#: Why the site is in its state, as a short code (the metrics label ``reason``; the words go
+#: to events and ``status``). A fixed set, so a label built from it cannot grow without bound.
+CAUSE_NONE = "none"  # Green: every node available
+CAUSE_NODE_LOST = "node-lost"  # Yellow: capacity lost, tiers 1-3 still fit
+CAUSE_CAPACITY = "capacity"  # Red: workers are left, but they cannot hold tier 3
+CAUSE_CONTROL_PLANE_ONLY = "control-plane-only"  # Red: only the lifeboat (control-plane) node is left
+CAUSE_NO_NODES = "no-nodes"  # Red: no node is available at all, or the cluster lists none
+CAUSE_API_UNREACHABLE = "api-unreachable"  # Black
+CAUSE_UNKNOWN = "unknown"  # state written by an agent that did not record the cause
+CAUSES = (CAUSE_NONE, CAUSE_NODE_LOST, CAUSE_CAPACITY, CAUSE_CONTROL_PLANE_ONLY, CAUSE_NO_NODES,
+          CAUSE_API_UNREACHABLE, CAUSE_UNKNOWN)  # fmt: skip
+
+
+def classify(
+    nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workload]
+) -> tuple[protocol.SiteState, str, str]:
+    """Green/Yellow/Red from the effective nodes and the plan, with its cause (:data:`CAUSES`) and reason in words.
 
     Generalised by capacity, for any number of nodes:
 
@@ -154,25 +169,28 @@ def classify(nodes: Sequence[Node], plan: Plan | None, workloads: Iterable[Workl
     """
     lost = sorted(n.name for n in nodes if not n.available)
     if not nodes:
-        return protocol.SiteState.RED, "the cluster reports no nodes"
+        return protocol.SiteState.RED, CAUSE_NO_NODES, "the cluster reports no nodes"
     if not lost:
-        return protocol.SiteState.GREEN, "all nodes ready"
+        return protocol.SiteState.GREEN, CAUSE_NONE, "all nodes ready"
     workers = [n for n in nodes if n.available and not n.unschedulable and not _lifeboat_only(n)]
     lost_text = f"{_names(lost)} lost"
     if not workers:
         left = sorted(n.name for n in nodes if n.available)
         if not left:
-            return protocol.SiteState.RED, f"{lost_text}; no node left"
-        return protocol.SiteState.RED, f"{lost_text}; only the control-plane node {_names(left)} is left"
+            return protocol.SiteState.RED, CAUSE_NO_NODES, f"{lost_text}; no node left"
+        only = f"{lost_text}; only the control-plane node {_names(left)} is left"
+        return protocol.SiteState.RED, CAUSE_CONTROL_PLANE_ONLY, only
     short = [
         w for w in workloads if w.tier == 3 and plan is not None and plan.targets.get(w.key, w.desired) < w.desired
     ]
     if short:
         return (
             protocol.SiteState.RED,
+            CAUSE_CAPACITY,
             f"{lost_text}; the remaining capacity cannot hold tier 3 ({_names(w.ref for w in short)})",
         )
-    return protocol.SiteState.YELLOW, f"{lost_text}; consolidating on {len(nodes) - len(lost)} of {len(nodes)} nodes"
+    consolidating = f"{lost_text}; consolidating on {len(nodes) - len(lost)} of {len(nodes)} nodes"
+    return protocol.SiteState.YELLOW, CAUSE_NODE_LOST, consolidating
 
 
 def _lifeboat_only(node: Node) -> bool:

@@ -79,8 +79,8 @@ def test_one_worker_lost_tier4_shrinks_tiers_2_3_full() -> None:
     # Round-robin inside tier 4: each tier-4 workload keeps a replica before any keeps two.
     t4 = [plan.targets[w.key] for w in PLATFORM if w.tier == 4]
     assert max(t4) - min(t4) <= 1
-    state, reason = tracker.classify(site(lost=("agent-1",)), plan, PLATFORM)
-    assert state is protocol.SiteState.YELLOW and "agent-1" in reason
+    state, cause, reason = tracker.classify(site(lost=("agent-1",)), plan, PLATFORM)
+    assert state is protocol.SiteState.YELLOW and cause == tracker.CAUSE_NODE_LOST and "agent-1" in reason
 
 
 def test_both_workers_lost_tier2_on_server_tiers_3_4_zero() -> None:
@@ -93,8 +93,8 @@ def test_both_workers_lost_tier2_on_server_tiers_3_4_zero() -> None:
         else:
             assert plan.targets[w.key] == 0, w.name
     assert not plan.unplaced
-    state, reason = tracker.classify(nodes, plan, PLATFORM)
-    assert state is protocol.SiteState.RED and "server-0" in reason
+    state, cause, reason = tracker.classify(nodes, plan, PLATFORM)
+    assert state is protocol.SiteState.RED and cause == tracker.CAUSE_CONTROL_PLANE_ONLY and "server-0" in reason
 
 
 def test_tier2_that_does_not_fit_is_reported_not_scaled() -> None:
@@ -292,14 +292,16 @@ def test_lease_staleness_on_agent_clock() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lost", "state"),
-    [((), "green"), (("agent-0",), "yellow"), (("server-0",), "yellow"), (("agent-0", "agent-1"), "red"),
-     (("server-0", "agent-0", "agent-1"), "red")],
+    ("lost", "state", "cause"),
+    [((), "green", "none"), (("agent-0",), "yellow", "node-lost"), (("server-0",), "yellow", "node-lost"),
+     (("agent-0", "agent-1"), "red", "control-plane-only"), (("server-0", "agent-0", "agent-1"), "red", "no-nodes")],
 )  # fmt: skip
-def test_classify_three_nodes(lost: tuple[str, ...], state: str) -> None:
+def test_classify_three_nodes(lost: tuple[str, ...], state: str, cause: str) -> None:
     nodes = site(lost=lost)
     plan = planner.plan(nodes, PLATFORM)
-    assert tracker.classify(nodes, plan, PLATFORM)[0].value == state
+    got = tracker.classify(nodes, plan, PLATFORM)
+    assert (got[0].value, got[1]) == (state, cause)
+    assert got[1] in tracker.CAUSES
 
 
 def test_classify_untainted_ha_servers_count_as_workers() -> None:
@@ -314,5 +316,5 @@ def test_classify_by_capacity_many_nodes() -> None:
     small = [wl("t3", 3, 1, cpu=500)]
     assert tracker.classify(nodes, planner.plan(nodes, small), small)[0] is protocol.SiteState.YELLOW
     big = [wl("t3", 3, 5, cpu=900)]
-    state, reason = tracker.classify(nodes, planner.plan(nodes, big), big)
-    assert state is protocol.SiteState.RED and "tier 3" in reason
+    state, cause, reason = tracker.classify(nodes, planner.plan(nodes, big), big)
+    assert state is protocol.SiteState.RED and cause == tracker.CAUSE_CAPACITY and "tier 3" in reason

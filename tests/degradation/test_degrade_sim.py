@@ -84,6 +84,20 @@ async def _replicas(api: Any) -> dict[str, int]:
     return {name: int(obj["spec"]["replicas"]) for name, obj in (await h.workloads(api)).items()}
 
 
+def _why(ctx: AgentContext) -> tuple[set[tuple[str, str]], dict[str, float]]:
+    """/metrics' why, refreshed from the persisted state: the (state, reason) series at 1, and node -> available."""
+    metrics.refresh(ctx.store)
+    info: set[tuple[str, str]] = set()
+    nodes: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == "edgefleet_agent_site_state_info" and sample.value == 1:
+                info.add((sample.labels["state"], sample.labels["reason"]))
+            elif sample.name == "edgefleet_agent_node_available":
+                nodes[sample.labels["node"]] = sample.value
+    return info, nodes
+
+
 def _transitions(ctx: AgentContext) -> list[tuple[str, str]]:
     return [(e["data"]["from"], e["data"]["to"]) for e in h.events(ctx.store, "degradation.transition")]
 
@@ -135,7 +149,7 @@ async def test_one_worker_fails_yellow_tier4_shrinks_tiers_2_3_run(tmp_path: Pat
         assert _transitions(ctx) == [("green", "yellow")]
 
         # Visibility: /metrics (derived from the persisted state) and `edgefleet-agent status` (another process).
-        metrics.refresh(ctx.store)
+        assert _why(ctx) == ({("yellow", "node-lost")}, {"server-0": 1, "agent-0": 1, "agent-1": 0})
         assert REGISTRY.get_sample_value("edgefleet_agent_site_state", {"state": "yellow"}) == 1
         assert REGISTRY.get_sample_value("edgefleet_agent_scaled_down_workloads") == len(journal)
         config = tmp_path / "agent.yaml"
@@ -143,7 +157,7 @@ async def test_one_worker_fails_yellow_tier4_shrinks_tiers_2_3_run(tmp_path: Pat
         out = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(config), "status"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert out.returncode == 0, out.stderr
-        assert "yellow" in out.stdout and "agent-1" in out.stdout
+        assert "YELLOW (node-lost: agent-1 lost" in out.stdout
         for record in journal.values():
             assert f"{record.namespace}/{record.name} tier 4: {record.target}/{record.original} replicas" in out.stdout
 
@@ -174,6 +188,7 @@ async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: P
         assert all(replicas[n] == 0 for n in ORIGINAL if TIER[n] >= 3), replicas
         assert all(replicas[n] == ORIGINAL[n] for n in ORIGINAL if TIER[n] <= 2)
         assert {w["name"] for w in _state(ctx)["scaled_down"]} == {n for n in ORIGINAL if TIER[n] >= 3}
+        assert _why(ctx) == ({("red", "control-plane-only")}, {"server-0": 1, "agent-0": 0, "agent-1": 0})
 
         await site.restore_node("agent-0")
         await site.restore_node("agent-1")
@@ -184,6 +199,7 @@ async def test_both_workers_fail_red_lifeboat_then_recovery_in_order(tmp_path: P
         await h.eventually(lambda: _state_is(ctx, "green"), timeout=20, what="green")
         await h.eventually(lambda: _all_restored(api, ctx), timeout=20, what="every workload restored")
         assert not ctx.limp_home.is_set()
+        assert _why(ctx) == ({("green", "none")}, {"server-0": 1, "agent-0": 1, "agent-1": 1})
         objs = await h.workloads(api)
         assert not any(ORIGINAL_REPLICAS_ANNOTATION in (o["metadata"].get("annotations") or {}) for o in objs.values())
         await h.eventually(lambda: _all_running(api), timeout=20, what="every original replica Running again")
@@ -238,6 +254,7 @@ async def test_api_unreachable_is_black_and_recovers(tmp_path: Path) -> None:
         first.stop()
         await h.eventually(lambda: _state_is(ctx, "black"), timeout=15, what="black")
         assert "unreachable" in _state(ctx)["reason"]
+        assert _why(ctx)[0] == {("black", "api-unreachable")}
         assert not ctx.limp_home.is_set()  # Black leaves limp-home as it was
         second = sim.testing.start_process(
             speed=SPEED, workdir=_mkdir(tmp_path / "sim2"), extra_args=["--port", str(port)]

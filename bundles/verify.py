@@ -30,7 +30,8 @@ Verification order (docs/bundle-format.md), nothing skipped, nothing reordered:
    architecture), anti-rollback (release >= min_release, created >= min_created), the declared
    compression equals the container's, the manifest's sizes are within the caps, and the store
    has room;
-6. payload members are streamed, each hashed while written into a fresh private staging
+6. payload members are streamed (``bundles.streaming``: hashed and written from the same
+   buffers, O_DIRECT where the filesystem allows), each into a fresh private staging
    directory (``<store>/.staging-*``, mode 0700) with byte caps from the signed manifest; any
    unlisted, duplicate, unsafe or mis-sized member aborts immediately;
 7. after the end marker: every listed file seen, only zero padding follows;
@@ -49,11 +50,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from bundles import container, delta, dsse, errors, split, trust
+from bundles import container, delta, dsse, errors, split, streaming, trust
 from bundles.manifest import PAYLOAD_TYPE, Manifest, check_path, loads_strict, now_utc, parse_manifest
 from bundles.trust import TrustRoot
 
@@ -432,7 +431,7 @@ def _stream_payload(
     dirs = _ancestor_dirs(manifest)
     seen: set[str] = set()
     seen_dirs: set[str] = set()
-    hasher = _Hasher()
+    pipeline = streaming.Pipeline()
     try:
         hdr = pending
         while hdr is not None:
@@ -460,7 +459,7 @@ def _stream_payload(
                         f"member {rel} is {hdr.size} bytes, {beyond} the manifest's {entry.size}"
                     )
                 write = sink.open_file(rel, entry.mode) if sink is not None else None
-                digest = hasher.hash_member(stream, hdr.size, write)
+                digest = pipeline.member(stream, hdr.size, write)
                 if sink is not None:
                     sink.close_file()
                 if digest != entry.sha256:
@@ -468,67 +467,10 @@ def _stream_payload(
                 container.skip_padding(stream, hdr.size)
             hdr = container.next_header(stream)
     finally:
-        hasher.stop()
+        pipeline.stop()
     missing = sorted(set(entries) - seen)
     if missing:
         raise errors.MissingFile(f"{len(missing)} listed file(s) missing from the archive, e.g. {missing[0]}")
-
-
-class _Hasher:
-    """Hash on a second thread while the main thread decompresses and writes.
-
-    hashlib and os.write both release the GIL on large buffers, so on two cores sha256 overlaps
-    with zstd decoding and the page-cache copy. Two buffers alternate: the reader only refills a
-    buffer once the hasher has finished with it, so nothing is copied.
-    """
-
-    def __init__(self) -> None:
-        self._q: queue.Queue[tuple[memoryview, threading.Event] | None] = queue.Queue()
-        self._h = hashlib.sha256()
-        self._bufs = [bytearray(container.CHUNK), bytearray(container.CHUNK)]
-        self._thread = threading.Thread(target=self._loop, name="bundle-hash", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            view, done = item
-            self._h.update(view)
-            done.set()
-
-    def hash_member(
-        self, stream: container.CappedStream, size: int, write: Callable[[memoryview], None] | None
-    ) -> str:
-        self._h = hashlib.sha256()
-        busy: list[threading.Event | None] = [None, None]
-        i = 0
-        left = size
-        try:
-            while left:
-                ev = busy[i]
-                if ev is not None:
-                    ev.wait()
-                view = memoryview(self._bufs[i])[: min(left, container.CHUNK)]
-                if stream.readinto(view) < len(view):
-                    raise errors.Truncated("archive ends inside a member's data")
-                left -= len(view)
-                done = threading.Event()
-                busy[i] = done
-                self._q.put((view, done))
-                if write is not None:
-                    write(view)
-                i ^= 1
-        finally:
-            for ev in busy:
-                if ev is not None:
-                    ev.wait()
-        return self._h.hexdigest()
-
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join()
 
 
 class _Stager:
@@ -569,13 +511,11 @@ class _Stager:
         except OSError as exc:
             raise errors.StoreError(f"cannot create {rel} in staging: {exc.strerror}") from None
         self._path = target
-        fd = self._fd
+        staged = streaming.StagedFile(self._fd)
 
         def write(view: memoryview) -> None:
             try:
-                off = 0
-                while off < len(view):
-                    off += os.write(fd, view[off:])
+                staged.write(view)
             except OSError as exc:
                 raise errors.StoreError(f"writing {rel} to staging failed: {exc.strerror}") from None
 
@@ -584,8 +524,10 @@ class _Stager:
     def close_file(self) -> None:
         """Hand the file to the flusher thread: its fsync overlaps with the next file's hashing.
 
-        The disk, not the CPU, bounds staging (a 1 GiB bundle must reach the platter before the
-        rename); flushing file k while file k+1 streams keeps the disk busy the whole time.
+        Every file must be durable before the rename. Files are written ``O_DIRECT`` where
+        possible (``bundles.streaming``), so their fsync is mostly the device-cache flush and
+        the journal; with buffered writes (fallback) it is the whole writeback. Either way it
+        runs while file k+1 streams.
         """
         if self._fd is None:
             return

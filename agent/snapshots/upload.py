@@ -35,6 +35,9 @@ from agent.snapshots import catalog
 log = structlog.get_logger("edgefleet.snapshots.upload")
 
 RETRY_SECONDS = 900.0
+#: While the site is Red, how often to look whether it still is: the deferred upload starts this
+#: soon after Red clears (nothing signals the clearing itself), not a whole RETRY_SECONDS later.
+LIMP_RECHECK_SECONDS = 5.0
 REQUEST_TIMEOUT = 120.0
 
 
@@ -105,7 +108,11 @@ def upload_file(cfg: SnapshotConfig, *, site: str, entry: catalog.Entry) -> int:
 
 
 async def run(ctx: AgentContext, *, wake: asyncio.Event) -> None:
-    """Upload the newest verified snapshot not yet on the hub, whenever ``wake`` is set or every 15 min."""
+    """Upload the newest verified snapshot not yet on the hub, whenever ``wake`` is set or every 15 min.
+
+    Deferred while ``ctx.limp_home`` is set (Red), and then re-checked every
+    :data:`LIMP_RECHECK_SECONDS`, so the upload follows the recovery instead of the next snapshot.
+    """
     cfg = ctx.config.snapshots
     while True:
         if not ctx.limp_home.is_set():
@@ -132,4 +139,4 @@ async def run(ctx: AgentContext, *, wake: asyncio.Event) -> None:
                     continue  # a newer one may have appeared meanwhile
         wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), RETRY_SECONDS)
+            await asyncio.wait_for(wake.wait(), LIMP_RECHECK_SECONDS if ctx.limp_home.is_set() else RETRY_SECONDS)

@@ -188,3 +188,46 @@ async def test_clock_stepping_back_recomputes_the_schedule(etcd, make_ctx):
     assert at(11, day=2) <= scheduled.taken < at(11, 5, day=2)
     # Its name is unique even though the clock now repeats times already used.
     assert len({e.name for e in catalog.entries(ctx.store)}) == 2
+
+
+async def test_limp_home_retries_wait_retry_max_seconds(make_ctx: MakeCtx, monkeypatch: pytest.MonkeyPatch):
+    """In Red (``limp_home``) a failed snapshot is retried after retry_max_seconds, not the backoff.
+
+    etcd is down (real etcdctl against a port where nothing listens). Backoff alone would wait 8,
+    then 16 clock seconds; in Red both waits are the full 64. Once Red clears, the next failure
+    is back on the backoff curve (32 s ±10 % for the third consecutive failure).
+    """
+    ctx = make_ctx(
+        f"http://127.0.0.1:{devetcd.free_port()}",
+        schedule="0 0 * * *",
+        catchup_delay_seconds=0,
+        timeout_seconds=1.2,
+        retry_initial_seconds=8,
+        retry_max_seconds=64,
+    )
+    ctx.limp_home.set()
+    clock = schedule.Clock(start=at(10), speed=20)
+    attempts: list[tuple[dt.datetime, dt.datetime, bool]] = []
+    real_take = take.take
+
+    async def recording_take(ctx: AgentContext, **kwargs) -> take.Outcome:  # wraps the real thing
+        started = clock.now()
+        outcome = await real_take(ctx, **kwargs)
+        attempts.append((started, clock.now(), outcome.ok))
+        return outcome
+
+    monkeypatch.setattr(take, "take", recording_take)
+    runner = asyncio.create_task(task.run(ctx, clock=clock))
+    try:
+        # The wait after an attempt is decided as it fails, before this poll can run again: the
+        # first two waits are decided in Red, the third after it cleared.
+        await _until(lambda: len(attempts) >= 2, timeout=30, what="two failed attempts in Red")
+        ctx.limp_home.clear()
+        await _until(lambda: len(attempts) >= 4, timeout=30, what="two more attempts after Red")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert not any(ok for _, _, ok in attempts)
+    gaps = [(nxt[0] - prev[1]).total_seconds() for prev, nxt in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= 64 and gaps[1] >= 64, gaps
+    assert 28 <= gaps[2] < 64, gaps

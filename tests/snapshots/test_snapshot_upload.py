@@ -125,3 +125,38 @@ async def test_task_uploads_after_a_snapshot_when_enabled(etcd, make_ctx, hub, t
     assert [e["type"] for e in events(ctx)] == ["snapshot.succeeded", "snapshot.uploaded"]
     assert (storage / "site-a" / entry.name).is_file()
     assert json.loads((storage / "site-a" / f".{entry.name}.meta.json").read_text())["sha256"] == entry.file_sha256
+
+
+async def test_upload_is_deferred_in_limp_home_and_follows_its_end(etcd, make_ctx, hub, tmp_path):
+    """Red (``limp_home``): a new snapshot is not uploaded; once Red clears it is, without another snapshot."""
+    base, storage = hub
+    await put_keys(etcd, 5)
+    ctx = make_ctx(etcd.url)
+    _configure(ctx, base, tmp_path)
+    entry = (await take.take(ctx, trigger="manual")).entry
+    assert entry is not None
+    ctx.limp_home.set()
+    wake = asyncio.Event()
+    uploader = asyncio.create_task(upload.run(ctx, wake=wake))
+    try:
+        for _ in range(2):  # the snapshot's own wake-up, and one from a later snapshot still in Red
+            wake.set()
+            # The uploader clears ``wake`` only at the end of a pass: cleared means it looked and decided.
+            for _ in range(200):
+                if not wake.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            assert not wake.is_set(), "the uploader never took its wake-up"
+            assert catalog.entries(ctx.store)[0].uploaded_at is None
+            assert not storage.exists() or not any(storage.rglob("*")), list(storage.rglob("*"))
+        ctx.limp_home.clear()  # nothing else: no new snapshot, no wake-up
+        for _ in range(int(3 * upload.LIMP_RECHECK_SECONDS / 0.05)):
+            if any(e["type"] == "snapshot.uploaded" for e in events(ctx)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        uploader.cancel()
+        await asyncio.gather(uploader, return_exceptions=True)
+    assert [e["type"] for e in events(ctx)] == ["snapshot.succeeded", "snapshot.uploaded"]
+    assert catalog.entries(ctx.store)[0].uploaded_at is not None
+    assert hashlib.sha256((storage / "site-a" / entry.name).read_bytes()).hexdigest() == entry.file_sha256

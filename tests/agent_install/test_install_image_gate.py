@@ -13,7 +13,7 @@ import pytest
 from install_kit import Comp, Keys, build_bundle, context, events, site_v2, wait_for, which_bundle, write_config
 
 from agent import installer, intake, kube
-from agent.install import drift, journal
+from agent.install import drift, gates, journal
 
 # The images site_v2 runs: docker.io is reachable, and has exactly these.
 PULLABLE = ["nginx:1.27", "postgres:16", "busybox:1.36"]
@@ -122,3 +122,38 @@ async def test_supervision_reports_the_image_not_just_not_ready(
         return bool(components["app-a"]["healthy"])
 
     await wait_for(healthy, timeout=60)
+
+
+def _pod(name: str, reason: str, *, deleting: bool = False, init: bool = False) -> dict[str, Any]:
+    field = "initContainerStatuses" if init else "containerStatuses"
+    meta: dict[str, Any] = {"name": name, "namespace": "demo", "uid": f"uid-{name}"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "spec": {"containers": [{"name": "c", "image": "x:1"}]},
+            "status": {"phase": "Pending", field: [{"name": "c", "image": "x:1",
+                                                   "state": {"waiting": {"reason": reason, "message": "m"}}}]}}
+
+
+def test_image_problem_terminal_reasons_at_once_transient_after_grace() -> None:
+    seen: dict[tuple[str, str], float] = {}
+    assert gates.image_problem([_pod("a", "ContainerCreating")], seen=seen, now=0.0) is None
+    assert gates.image_problem([_pod("a", "ErrImagePull")], seen=seen, now=100.0) is None  # grace starts
+    assert gates.image_problem([_pod("a", "ErrImagePull")], seen=seen, now=100.0 + gates.PULL_GRACE - 1) is None
+    problem = gates.image_problem([_pod("a", "ErrImagePull")], seen=seen, now=100.0 + gates.PULL_GRACE)
+    assert problem == 'pod demo/a: container c cannot get image "x:1": ErrImagePull: m'
+    # The container got past it: a later ErrImagePull starts a new grace.
+    assert gates.image_problem([_pod("a", "ContainerCreating")], seen=seen, now=200.0) is None and seen == {}
+    assert gates.image_problem([_pod("a", "ErrImagePull")], seen=seen, now=201.0) is None
+    for reason in gates.PULL_TERMINAL:
+        assert gates.image_problem([_pod("b", reason, init=True)], seen={}, now=0.0) == (
+            f'pod demo/b: container c cannot get image "x:1": {reason}: m')
+    assert gates.image_problem([_pod("c", "ImagePullBackOff", deleting=True)], seen={}, now=0.0) is None
+    # Supervision (no ``seen``) reports what is, transient or not.
+    assert gates.image_problem([_pod("d", "ErrImagePull")]) is not None
+
+
+def test_selector_string() -> None:
+    assert gates.selector_string({"matchLabels": {"b": "2", "a": "1"}, "matchExpressions": [
+        {"key": "t", "operator": "In", "values": ["x", "y"]}, {"key": "u", "operator": "NotIn", "values": ["z"]},
+        {"key": "v", "operator": "Exists"}, {"key": "w", "operator": "DoesNotExist"}]}) == \
+        "a=1,b=2,t in (x,y),u notin (z),v,!w"

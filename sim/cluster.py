@@ -135,7 +135,7 @@ class Cluster:
         self.sizes = sizes or {}
         #: What the kubelets can pull (replaceable at run time: pods in back-off retry against the new set).
         self.pullable = pullable or images.Pullable()
-        self._pull_backoff: dict[str, tuple[int, float]] = {}  # pod uid -> (failed pulls, current back-off)
+        self._pull_failures: dict[str, int] = {}  # pod uid -> failed pulls in a row (sets its back-off)
         self.store = Store()
         self.registry = resources.Registry()
         self.api = apiserver.ApiServer(self.store, self.registry)
@@ -481,14 +481,14 @@ class Cluster:
         ns, name = key.split("/", 1)
         pod = self.api.get(("", "pods"), ns, name)
         if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
-            self._pull_backoff.pop(uid, None)
+            self._pull_failures.pop(uid, None)
             return
         node = self.nodes.get(pod["spec"].get("nodeName", ""))
         if node is None or node.state != "up":
             return
         if self._pull_images(pod, node, key):
             return
-        self._pull_backoff.pop(uid, None)
+        self._pull_failures.pop(uid, None)
         now = apiserver.now_iso()
         new = json.loads(json.dumps(pod))
         status = new.setdefault("status", {})
@@ -550,9 +550,9 @@ class Cluster:
         uid = pod["metadata"]["uid"]
         retry = any(reason != "InvalidImageName" for reason, _ in failed.values())
         if retry:
-            count, _ = self._pull_backoff.get(uid, (0, 0.0))
+            count = self._pull_failures.get(uid, 0)
             backoff = min(self.timing.image_backoff * 2 ** count, self.timing.image_backoff_max)
-            self._pull_backoff[uid] = (count + 1, backoff)
+            self._pull_failures[uid] = count + 1
             resync = min(self.timing.pull_resync, backoff)
             self._pod_timers[key] = self.later(resync, self._pull_backed_off, key, uid, backoff - resync)
         self._write_waiting(pod, node, failed, init_failed=bool(inits) and next(iter(failed)) in
@@ -588,7 +588,7 @@ class Cluster:
         ns, name = key.split("/", 1)
         pod = self.api.get(("", "pods"), ns, name)
         if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
-            self._pull_backoff.pop(uid, None)
+            self._pull_failures.pop(uid, None)
             return
         node = self.nodes.get(pod["spec"].get("nodeName", ""))
         if node is None or node.state != "up":
@@ -627,6 +627,8 @@ class Cluster:
         spec = pod["spec"]
         uid = pod["metadata"]["uid"]
         restarts = {c.get("name"): c.get("restartCount", 0) for c in status.get("containerStatuses") or []}
+        started = {c.get("name"): c["state"]["running"] for c in status.get("containerStatuses") or []
+                   if "running" in (c.get("state") or {})}
 
         def waiting(c: dict[str, Any], default: str) -> dict[str, Any]:
             reason, message = failed.get(c.get("name", ""), (default, ""))
@@ -650,7 +652,7 @@ class Cluster:
                                                for i, c in enumerate(inits)]
         status["containerStatuses"] = [
             entry(c, waiting(c, "PodInitializing") if init_failed or c.get("name") in failed
-                  else {"running": {"startedAt": now}})
+                  else {"running": started.get(c.get("name")) or {"startedAt": now}})
             for c in spec.get("containers") or []]
         unready = [c.get("name") for c in spec.get("containers") or [] if init_failed or c.get("name") in failed]
         pending_inits = [c.get("name") for c in inits[stuck:]] if inits else []

@@ -12,8 +12,8 @@ Invariants:
 
 - The bytes hashed are the bytes written: both lanes read the same buffer, and the reader only
   refills a buffer after both lanes are done with it.
-- ``member`` returns only after every write and hash it started has finished (also when it
-  raises), so the caller may fsync and close the file right after.
+- A file is closed (handed to the fsync thread) on the write lane after its last write, so
+  nothing fsyncs a file that is still being written.
 - ``O_DIRECT`` changes nothing about durability: data can still sit in the device's volatile
   cache and the file's size and extents in the journal, so the stager still fsyncs every file
   and directory before the rename. Only the page-cache copy is skipped.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -34,7 +35,7 @@ from collections.abc import Callable
 
 from bundles import container, errors
 
-BUF_BYTES = 4 << 20  # per buffer; 4 of them: 16 MiB, the best of 1/2/4 MiB x 2-8 buffers measured
+BUF_BYTES = 4 << 20  # 4 buffers: 16 MiB; 1/2/4 MiB x 2-8 buffers compared in docs/bundle-format.md
 BUF_COUNT = 4
 ALIGN = 4096  # O_DIRECT length/offset granularity; >= the logical block size of common devices
 
@@ -42,32 +43,34 @@ Sink = Callable[[memoryview], None]
 
 
 class _Lane:
-    """A thread applying one function to buffers in the order they are submitted.
+    """A thread running queued calls in order; after one raises, the rest are skipped.
 
-    After the function raises, the lane skips the rest (the buffers are still released) and
-    keeps the first error for the producer to re-raise.
+    Calls queued with ``always`` still run after an error (closing a file). The first error
+    is kept with the member number it belongs to, for the producer to re-raise.
     """
 
-    def __init__(self, fn: Sink, *, name: str) -> None:
-        self.fn = fn
-        self.error: BaseException | None = None
-        self._q: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = queue.SimpleQueue()
+    def __init__(self, *, name: str) -> None:
+        self.error: tuple[int, BaseException] | None = None
+        self._q: queue.SimpleQueue[tuple[Callable[[], object], int, bool, threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while (item := self._q.get()) is not None:
-            view, done = item
-            if self.error is None:
+            fn, seq, always, done = item
+            if self.error is None or always:
                 try:
-                    self.fn(view)
+                    fn()
                 except BaseException as exc:  # re-raised on the producer's thread
-                    self.error = exc
+                    if self.error is None:
+                        self.error = (seq, exc)
             done.set()
 
-    def submit(self, view: memoryview) -> threading.Event:
+    def submit(self, fn: Callable[[], object], *, seq: int, always: bool = False) -> threading.Event:
         done = threading.Event()
-        self._q.put((view, done))
+        self._q.put((fn, seq, always, done))
         return done
 
     def stop(self) -> None:
@@ -76,54 +79,74 @@ class _Lane:
 
 
 class Pipeline:
-    """Page-aligned buffers (anonymous mmap), a hash lane and a write lane, reused for every member."""
+    """Page-aligned buffers (anonymous mmap), a hash lane and a write lane, shared by all members.
+
+    Members follow each other without draining the lanes: a member's digest is compared on the
+    hash lane after its last byte, and its file is closed on the write lane after its last
+    write. So an error a lane finds surfaces at a later call; the caller must end with
+    ``finish``, also when it fails itself, so that the error earliest in the stream wins
+    whatever the threads' timing: lane work always belongs to bytes read before the point
+    where the caller failed.
+    """
 
     def __init__(self) -> None:
         self._bufs = [mmap.mmap(-1, BUF_BYTES) for _ in range(BUF_COUNT)]
-        self._h = hashlib.sha256()
-        self._sink: Sink | None = None
-        self._hash = _Lane(self._update, name="bundle-hash")
-        self._write = _Lane(self._put, name="bundle-write")
+        self._busy: list[list[threading.Event]] = [[] for _ in self._bufs]
+        self._next = 0
+        self._seq = 0
+        self._write = _Lane(name="bundle-write")  # first: at the same member, a write error comes first
+        self._hash = _Lane(name="bundle-hash")
 
-    def _update(self, view: memoryview) -> None:
-        self._h.update(view)
+    def member(
+        self,
+        stream: container.CappedStream,
+        size: int,
+        *,
+        check: Callable[[str], None],
+        sink: Sink | None = None,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue ``size`` bytes of ``stream`` for hashing (``check`` gets the hex digest) and ``sink``.
 
-    def _put(self, view: memoryview) -> None:
-        assert self._sink is not None
-        self._sink(view)
-
-    def member(self, stream: container.CappedStream, size: int, sink: Sink | None) -> str:
-        """Read ``size`` bytes from ``stream``, hash them and hand them to ``sink``; the hex digest."""
-        self._h = hashlib.sha256()
-        self._sink = sink
-        busy: list[list[threading.Event]] = [[] for _ in self._bufs]
-        i = 0
+        ``close`` runs on the write lane after the member's last write, even after an error.
+        """
+        self._seq += 1
+        seq = self._seq
+        h = hashlib.sha256()
         left = size
         try:
             while left:
-                for ev in busy[i]:
+                i = self._next
+                for ev in self._busy[i]:
                     ev.wait()
                 self._raise_lane_error()
                 view = memoryview(self._bufs[i])[: min(left, BUF_BYTES)]
                 if stream.readinto(view) < len(view):
                     raise errors.Truncated("archive ends inside a member's data")
                 left -= len(view)
-                busy[i] = [self._hash.submit(view)]
+                self._busy[i] = [self._hash.submit(functools.partial(h.update, view), seq=seq)]
                 if sink is not None:
-                    busy[i].append(self._write.submit(view))
-                i = (i + 1) % len(self._bufs)
+                    self._busy[i].append(self._write.submit(functools.partial(sink, view), seq=seq))
+                self._next = (i + 1) % len(self._bufs)
+            self._hash.submit(lambda: check(h.hexdigest()), seq=seq)
         finally:
-            for evs in busy:
-                for ev in evs:
-                    ev.wait()
+            if close is not None:
+                self._write.submit(close, seq=seq, always=True)
+
+    def finish(self) -> None:
+        """Wait for everything queued; raise the error the lanes found earliest in the stream."""
+        for lane in (self._write, self._hash):
+            lane.submit(lambda: None, seq=self._seq, always=True).wait()
         self._raise_lane_error()
-        return self._h.hexdigest()
 
     def _raise_lane_error(self) -> None:
-        for lane in (self._write, self._hash):
-            if lane.error is not None:
-                exc, lane.error = lane.error, None
-                raise exc
+        first: tuple[int, BaseException] | None = None
+        for lane in (self._write, self._hash):  # strict <: at the same member the write lane wins
+            if lane.error is not None and (first is None or lane.error[0] < first[0]):
+                first = lane.error
+        if first is not None:
+            self._write.error = self._hash.error = None
+            raise first[1]
 
     def stop(self) -> None:
         self._hash.stop()

@@ -48,6 +48,7 @@ the bundle; this module only enforces the minimums it is given.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -458,19 +459,25 @@ def _stream_payload(
                     raise errors.SizeMismatch(
                         f"member {rel} is {hdr.size} bytes, {beyond} the manifest's {entry.size}"
                     )
-                write = sink.open_file(rel, entry.mode) if sink is not None else None
-                digest = pipeline.member(stream, hdr.size, write)
-                if sink is not None:
-                    sink.close_file()
-                if digest != entry.sha256:
-                    raise errors.DigestMismatch(f"file {rel}: sha256 {digest[:16]}... does not match the manifest")
+                write, close = sink.open_file(rel, entry.mode) if sink is not None else (None, None)
+                check = functools.partial(_check_digest, rel=rel, expected=entry.sha256)
+                pipeline.member(stream, hdr.size, check=check, sink=write, close=close)
                 container.skip_padding(stream, hdr.size)
             hdr = container.next_header(stream)
+        pipeline.finish()
+    except BaseException:
+        pipeline.finish()  # a digest or write error earlier in the stream is the one to report
+        raise
     finally:
         pipeline.stop()
     missing = sorted(set(entries) - seen)
     if missing:
         raise errors.MissingFile(f"{len(missing)} listed file(s) missing from the archive, e.g. {missing[0]}")
+
+
+def _check_digest(digest: str, *, rel: str, expected: str) -> None:
+    if digest != expected:
+        raise errors.DigestMismatch(f"file {rel}: sha256 {digest[:16]}... does not match the manifest")
 
 
 class _Stager:
@@ -479,8 +486,6 @@ class _Stager:
     def __init__(self, store: Path) -> None:
         self.store = store
         self.tmp: Path | None = None
-        self._fd: int | None = None
-        self._path: Path | None = None
         self._flusher: ThreadPoolExecutor | None = None
         self._flushes: list[Future[None]] = []
 
@@ -501,17 +506,22 @@ class _Stager:
         except OSError as exc:
             raise errors.StoreError(f"cannot create staging directory in {self.store}: {exc.strerror}") from None
 
-    def open_file(self, rel: str, mode: int) -> Callable[[memoryview], None]:
+    def open_file(self, rel: str, mode: int) -> tuple[streaming.Sink, Callable[[], None]]:
+        """Create ``payload/<rel>``; the writer and the closer run on the pipeline's write lane.
+
+        The closer hands the file to the flusher thread, whose fsync overlaps the next files'
+        streaming. Every file must be durable before the rename; written ``O_DIRECT``
+        (``bundles.streaming``) its fsync is mostly the device-cache flush and the journal.
+        """
         assert self.tmp is not None
         target = self.tmp / "payload" / rel
         try:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-            self._fd = os.open(target, flags, mode)
+            fd = os.open(target, flags, mode)
         except OSError as exc:
             raise errors.StoreError(f"cannot create {rel} in staging: {exc.strerror}") from None
-        self._path = target
-        staged = streaming.StagedFile(self._fd)
+        staged = streaming.StagedFile(fd)
 
         def write(view: memoryview) -> None:
             try:
@@ -519,20 +529,10 @@ class _Stager:
             except OSError as exc:
                 raise errors.StoreError(f"writing {rel} to staging failed: {exc.strerror}") from None
 
-        return write
+        def close() -> None:
+            self._flushes.append(self._executor().submit(_fsync_close, fd, str(target)))
 
-    def close_file(self) -> None:
-        """Hand the file to the flusher thread: its fsync overlaps with the next file's hashing.
-
-        Every file must be durable before the rename. Files are written ``O_DIRECT`` where
-        possible (``bundles.streaming``), so their fsync is mostly the device-cache flush and
-        the journal; with buffered writes (fallback) it is the whole writeback. Either way it
-        runs while file k+1 streams.
-        """
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        self._flushes.append(self._executor().submit(_fsync_close, fd, str(self._path)))
+        return write, close
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._flusher is None:
@@ -594,9 +594,6 @@ class _Stager:
     def abort(self) -> None:
         with contextlib.suppress(errors.StoreError):  # already failing; staging goes away below
             self._wait_flushes()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import NOW, Kit, snapshot
 
-from bundles import streaming, trust, verify
+from bundles import errors, streaming, trust, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,3 +76,19 @@ def test_a_write_failing_on_the_write_thread_is_a_store_error_and_leaves_nothing
     assert res.returncode == 3, res.stderr
     assert res.stdout.startswith("writing blobs/big.bin to staging failed: File too large"), res.stdout
     assert snapshot(kit.store) == before
+
+
+def test_a_digest_mismatch_is_reported_before_a_later_members_fault(kit: Kit) -> None:
+    """The digest is compared on the hash thread, possibly after the next header was read: the
+    fault earlier in the stream must still be the one reported, whatever the threads' timing."""
+    big = random.Random(5).randbytes(3 * streaming.BUF_BYTES)
+    members = kit.members(kit.files({"blobs/big.bin": big}))
+    name, data = members[-1]
+    assert name == "payload/blobs/big.bin"
+    members[-1] = (name, data[:-1] + bytes([data[-1] ^ 1]))
+    members.append(("payload/not-listed.yaml", b"kind: Pod\n"))
+    before = snapshot(kit.store)
+    for _ in range(3):
+        with pytest.raises(errors.DigestMismatch, match="blobs/big.bin"):
+            verify.verify_and_stage(kit.raw(members), root=kit.root, store_dir=kit.store, now=NOW)
+        assert snapshot(kit.store) == before

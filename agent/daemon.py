@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import gc
 import os
 import random
 import signal
@@ -419,8 +420,16 @@ async def _run(runtime: Runtime, stop: asyncio.Event) -> int:
 
 
 def run(config: agent_config.AgentConfig) -> int:
-    """Set up logging and run the daemon to completion (the ``run`` command)."""
+    """Set up logging and run the daemon to completion (the ``run`` command).
+
+    ``gc.freeze()`` first: what exists now (modules, classes, the config) lives as long as the
+    process, so the collector need not walk it again. That keeps a full collection at ~0.1 ms
+    instead of ~25 ms, which is what lets the installer hand freed memory back after every
+    supervision pass (:func:`agent.installer.release_memory`) at no measurable CPU cost.
+    """
     logs.setup(config.log_format)
+    gc.collect()
+    gc.freeze()
     return asyncio.run(serve(config))
 
 

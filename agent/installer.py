@@ -45,7 +45,7 @@ import structlog
 
 from agent import exitcodes, images, kube, metrics, protocol, sitestatus
 from agent.context import AgentContext
-from agent.install import apply, cache, gates, inventory, journal, model, render, source
+from agent.install import apply, cache, drift, gates, inventory, journal, model, render, source
 from agent.state import StateStore
 
 log = structlog.get_logger("edgefleet.install")
@@ -261,7 +261,9 @@ class _Runner:
         step = f"{prefix}apply:{unit.name}"
 
         async def do_apply() -> dict[str, Any]:
-            count = await apply.apply_unit(self.api, unit, deadline=deadline, step=step)
+            versions: dict[str, str] = {}
+            count = await apply.apply_unit(self.api, unit, deadline=deadline, step=step, versions=versions)
+            await drift.save_verified(self.store, self.api, versions)
             return {"objects": count}
 
         async def do_gate() -> dict[str, Any]:
@@ -537,8 +539,6 @@ def queue_rollback(ctx: AgentContext) -> journal.Run:
 
 async def run(ctx: AgentContext) -> None:
     """Daemon task: execute queued runs; between them, supervise (health, drift)."""
-    from agent.install import drift
-
     journal.setup(ctx.store)
     publish(ctx)
     async with kube.shared(ctx.config.kubeconfig) as api:

@@ -75,19 +75,20 @@ async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dic
     return await retrying(lambda: kube.apply(api, obj, fields=("metadata",)), what=str(ref), deadline=deadline)
 
 
-async def apply_document(api: Any, document: bytes, *, deadline: float) -> dict[str, Any]:
+async def apply_document(api: Any, document: bytes, *, deadline: float) -> tuple[dict[str, Any], str]:
     """:func:`apply_object` for a rendered document as stored (raw JSON): sent as it is, unparsed,
     unless it is a workload whose live replica count must be kept (small objects).
 
-    Returns the document's :data:`agent.jsonpick.HEAD` (what the caller needs to know of it).
+    Returns the document's :data:`agent.jsonpick.HEAD` (what the caller needs to know of it) and
+    the resourceVersion the server answered with.
     """
     head = jsonpick.head(document)
     if head.get("kind") in _LIVE_REPLICAS:
-        await apply_object(api, json.loads(document), deadline=deadline)
+        answer = await apply_object(api, json.loads(document), deadline=deadline)
     else:
-        await retrying(lambda: kube.apply(api, head, body=document, fields=("metadata",)),
-                       what=str(model.Ref.of(head)), deadline=deadline)
-    return head
+        answer = await retrying(lambda: kube.apply(api, head, body=document, fields=("metadata",)),
+                                what=str(model.Ref.of(head)), deadline=deadline)
+    return head, str((answer.get("metadata") or {}).get("resourceVersion") or "")
 
 
 async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
@@ -102,8 +103,12 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], 
             group.create_task(one(item))
 
 
-async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) -> int:
+async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,
+                     versions: dict[str, str] | None = None) -> int:
     """Apply a component's objects in the order described in the module docstring.
+
+    ``versions`` gets key → resourceVersion of each object as applied: the live object holds
+    what the bundle sets at that version (drift need not read it again, see drift.save_verified).
 
     Objects stay raw JSON and go out as such (:func:`apply_document`); only their names are
     parsed, and the server's answer only for its metadata, so a component's big CRDs never exist
@@ -122,7 +127,9 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str) 
 
     async def one(doc: tuple[str, bytes]) -> None:
         nonlocal count
-        head = await apply_document(api, doc[1], deadline=deadline)
+        head, version = await apply_document(api, doc[1], deadline=deadline)
+        if versions is not None:
+            versions[doc[0]] = version
         if head.get("kind") == "CustomResourceDefinition":
             crd_checks.extend(gates.implied_checks([head]))
             # A CRD's name is <plural>.<group> (the API server enforces it): no need for its spec.

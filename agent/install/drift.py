@@ -16,6 +16,9 @@ again. Repairs are reported in one ``drift.repaired`` event. The resourceVersion
 becomes the verified one, so values the API server normalises (``cpu: 0.5`` → ``500m``) never
 turn into an apply loop. A quiet site thus costs a few small LISTs per interval, not a re-read of
 ~10 MB of objects (the full platform's CRDs alone are ~8 MB). CRD health uses the same trick.
+The verified versions are persisted (``install_verified``, with the cluster they belong to, see
+:func:`cluster_id`), and an install records each object's version as it applied it, so neither
+a restart nor an upgrade makes the next pass read the whole bundle again.
 
 A workload the degradation controller scaled down (``edgefleet.io/original-replicas``) keeps its
 live replica count (render.keep_live_replicas), so supervisor and degradation never fight.
@@ -34,6 +37,7 @@ import structlog
 from agent import kube, metrics, protocol
 from agent.context import AgentContext
 from agent.install import apply, gates, journal, model, render
+from agent.state import StateStore
 
 log = structlog.get_logger("edgefleet.drift")
 
@@ -92,20 +96,66 @@ def differs(desired: dict[str, Any], live: dict[str, Any]) -> bool:
     return False
 
 
+async def cluster_id(api: Any) -> str:
+    """The cluster's identity: the uid of its ``kube-system`` Namespace ('' if unknown).
+
+    resourceVersions are etcd revisions: an object's resourceVersion names one write in one
+    cluster's history, so a stored verified version is proof only within that history. An etcd
+    restore keeps the history (a restored object carries the revision of the write it had, so it
+    still matches exactly what was verified at it, or differs and is re-read); a rebuilt cluster
+    starts a new one, with a new ``kube-system`` uid.
+    """
+    try:
+        ns = await kube.get(api, "v1", "Namespace", "kube-system", fields=("metadata",))
+    except kube.KubeUnavailable:
+        raise
+    except kube.KubeError:
+        return ""
+    return str(((ns or {}).get("metadata") or {}).get("uid") or "")
+
+
+async def load_verified(store: StateStore, api: Any) -> dict[str, str]:
+    """The persisted verified resourceVersions, if they were recorded in this cluster.
+
+    Persisted so that the first drift pass after a restart reads only what changed while the
+    agent was down, not every object of the bundle (~10 MB for the IDP platform, the daemon's
+    largest memory burst after an install).
+    """
+    uid = await cluster_id(api)
+    if uid and store.get(journal.VERIFIED_CLUSTER_KEY) == uid:
+        return journal.verified_versions(store)
+    return {}
+
+
+async def save_verified(store: StateStore, api: Any, versions: dict[str, str], *, replace: bool = False) -> None:
+    """Persist verified resourceVersions (an install's apply answers, a drift pass's findings)
+    for this cluster; rows recorded for another cluster are dropped first."""
+    uid = await cluster_id(api)
+    if not uid:
+        return
+    if store.get(journal.VERIFIED_CLUSTER_KEY) != uid:
+        with store.transaction():
+            journal.save_verified(store, {}, replace=True)
+            store.put(journal.VERIFIED_CLUSTER_KEY, uid)
+    journal.save_verified(store, versions, replace=replace)
+
+
 class Supervisor:
     def __init__(self, ctx: AgentContext, api: Any) -> None:
         self.ctx = ctx
         self.api = api
         self.next_health = 0.0
         self.next_drift = time.monotonic() + ctx.config.install.drift_interval_seconds
-        #: key → resourceVersion at which the live object was last seen to match the bundle.
-        self.verified: dict[str, str] = {}
+        #: key → resourceVersion at which the live object was last seen to match the bundle
+        #: (persisted: see :func:`load_verified`); None until loaded.
+        self.verified: dict[str, str] | None = None
         #: key → resourceVersion at which a CRD was last seen Established.
         self.established: dict[str, str] = {}
 
     def reset(self) -> None:
+        """After an install run: reload what it verified (:func:`seed_verified`), re-check health."""
         self.next_health = 0.0
-        self.verified.clear()
+        self.verified = None
         self.established.clear()
 
     async def tick(self) -> None:
@@ -120,9 +170,11 @@ class Supervisor:
         spec = await installer.spec_for(self.ctx, cur)
         if now >= self.next_drift:
             await self.repair(spec)
-            installer.release_memory()
             self.next_drift = time.monotonic() + self.ctx.config.install.drift_interval_seconds
         await self.health(spec)
+        # Both passes leave freed API answers in the heap: hand them back now, not at the next
+        # drift pass (steady RSS -1 to -2 MiB; cheap, see agent.daemon.run on gc.freeze).
+        installer.release_memory()
         self.next_health = time.monotonic() + self.ctx.config.install.health_interval_seconds
 
     async def _list(self, api_version: str, kind: str, selector: str) -> dict[str, dict[str, Any]] | None:
@@ -223,14 +275,18 @@ class Supervisor:
 
     async def repair(self, spec: model.Spec) -> list[str]:
         """One component at a time; a component's objects are parsed only if something changed."""
+        if self.verified is None:
+            self.verified = await load_verified(self.ctx.store, self.api)
+        verified = self.verified
         repaired: list[str] = []
+        learned = 0
         kinds_fixed: Counter[str] = Counter()
         versions: dict[str, str] = {}  # one metadata LIST per kind for the whole bundle
         for api_version, kind in sorted({k for u in spec.units for k in u.kinds}):
             versions.update(await self._versions(api_version, kind, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
                             or {})
         for unit in spec.units:
-            suspect = [k for k in unit.keys if k not in versions or versions[k] != self.verified.get(k)]
+            suspect = [k for k in unit.keys if k not in versions or versions[k] != verified.get(k)]
             if not suspect:
                 continue
             # One GET per changed object, not a LIST of the component: the first pass after a
@@ -242,17 +298,23 @@ class Supervisor:
                 if have is not None:
                     want = render.keep_live_replicas(obj, have)
                     if not differs(want, have):
-                        self.verified[key] = str((have.get("metadata") or {}).get("resourceVersion", ""))
+                        verified[key] = str((have.get("metadata") or {}).get("resourceVersion", ""))
+                        learned += 1
                         continue
                 try:
                     after = await apply.apply_object(self.api, obj, deadline=time.monotonic() + 30)
                 except apply.ApplyFailed as exc:
                     log.warning("drift repair failed", object=str(model.Ref.of(obj)), error=str(exc))
                     continue
-                self.verified[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
+                verified[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
+                learned += 1
                 repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
                 kinds_fixed[str(obj["kind"])] += 1
                 metrics.DRIFT_REPAIRS.labels(str(obj["kind"])).inc()
+        if learned:
+            keys = set(spec.refs())
+            await save_verified(self.ctx.store, self.api, {k: v for k, v in verified.items() if k in keys},
+                                replace=True)
         if repaired:
             self.ctx.emit(
                 "drift.repaired", f"{len(repaired)} platform objects brought back to {spec.label}",

@@ -81,6 +81,9 @@ MIGRATIONS = [
         component TEXT NOT NULL,
         PRIMARY KEY (bundle_id, ref)
     )""",
+    # ref -> resourceVersion at which the live object was known to hold what the bundle sets
+    # (see agent/install/drift.py); valid for the cluster in kv VERIFIED_CLUSTER_KEY only.
+    "CREATE TABLE install_verified (ref TEXT PRIMARY KEY, rv TEXT NOT NULL)",
 ]
 
 ACTIVE_STATES = ("staged", "applying", "pruning", "committing", "failed", "rolling-back")
@@ -88,6 +91,7 @@ FORWARD_STATES = ("staged", "applying", "pruning")
 TERMINAL_STATES = ("committed", "rolled-back", "superseded")
 
 CURRENT_KEY = "install.current"  # bundle_id of the committed (running) bundle
+VERIFIED_CLUSTER_KEY = "install.verified_cluster"  # kube-system's uid when install_verified was written
 HIGHWATER_KEY = "install.highwater"  # {"release": int, "created": iso str} of the last commit
 
 
@@ -352,3 +356,21 @@ def failpoint(name: str) -> None:
     hit = name.startswith(wanted[:-1]) if wanted.endswith("*") else name == wanted
     if hit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- verified resourceVersions (drift) ---------------------------------------------------------
+
+
+def verified_versions(store: StateStore) -> dict[str, str]:
+    return {row["ref"]: row["rv"] for row in store.db.execute("SELECT ref, rv FROM install_verified")}
+
+
+def save_verified(store: StateStore, versions: dict[str, str], *, replace: bool = False) -> None:
+    """Record ref -> resourceVersion pairs (``replace``: they become the whole table)."""
+    with store.transaction() as db:
+        if replace:
+            db.execute("DELETE FROM install_verified")
+        db.executemany(
+            "INSERT INTO install_verified(ref, rv) VALUES(?, ?) ON CONFLICT(ref) DO UPDATE SET rv=excluded.rv",
+            [(ref, rv) for ref, rv in versions.items() if rv],
+        )

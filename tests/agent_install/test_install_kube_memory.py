@@ -154,7 +154,7 @@ async def test_a_rendered_document_is_applied_as_stored_without_parsing_its_body
             parsed_peak = tracemalloc.get_traced_memory()[1] - base
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
-            head = await apply.apply_document(api, document, deadline=float("inf"))
+            head, _ = await apply.apply_document(api, document, deadline=float("inf"))
             raw_peak = tracemalloc.get_traced_memory()[1] - base
             tracemalloc.stop()
             assert head == jsonpick.head(document) and head["kind"] == "CustomResourceDefinition"

@@ -181,3 +181,33 @@ async def test_agent_survives_api_outage(
             await task
         with contextlib.suppress(Exception):
             await proxy.cut()
+
+
+async def test_verified_versions_survive_a_restart_in_the_same_cluster_only(
+    site_config: Path, api: Any, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first drift pass after a restart reads only what changed (not every object), unless the
+    stored versions were recorded in another cluster (kube-system's uid differs): then all."""
+    ctx = await _installed(site_config, api, bundles["1.0.0"])
+    spec = await installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    seeded = journal.verified_versions(ctx.store)
+    assert set(seeded) == set(spec.refs())  # the install recorded every object as applied
+    await drift.Supervisor(ctx, api).repair(spec)  # learns what controllers changed since (status)
+    reads: list[str] = []
+    real_get = kube.get
+
+    async def counting_get(*args: Any, **kwargs: Any) -> Any:
+        reads.append(str(args[3]))
+        return await real_get(*args, **kwargs)
+
+    monkeypatch.setattr(kube, "get", counting_get)
+    await kube.patch(api, "v1", "ConfigMap", "app-a-config", {"data": {"mode": "hacked"}}, namespace="demo-a",
+                     field_manager="kubectl-edit")
+    restarted = drift.Supervisor(ctx, api)
+    assert await restarted.repair(spec) == ["reverted ConfigMap/demo-a/app-a-config"]
+    assert [r for r in reads if r != "kube-system"] == ["app-a-config"]
+    reads.clear()
+    ctx.store.put(journal.VERIFIED_CLUSTER_KEY, "another-cluster")
+    assert await drift.Supervisor(ctx, api).repair(spec) == []
+    assert len([r for r in reads if r != "kube-system"]) == len(spec.refs())
+    assert ctx.store.get(journal.VERIFIED_CLUSTER_KEY) not in ("another-cluster", "", None)

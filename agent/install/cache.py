@@ -53,7 +53,7 @@ def write(spec: model.Spec, target: Path, *, declared: dict[str, float | None]) 
             })
         doc = {
             "version": VERSION, "bundle_id": spec.bundle_id, "name": spec.name, "version_": spec.version,
-            "release": spec.release, "created": spec.created, "path": spec.path, "images_dir": spec.images_dir,
+            "release": spec.release, "created": spec.created, "path": spec.path,
             "units": units,
         }
         with (tmp / SPEC_FILE).open("w", encoding="utf-8") as fh:
@@ -89,7 +89,7 @@ def read(target: Path, *, default_timeout: float) -> model.Spec | None:
         ))
     return model.Spec(
         bundle_id=doc["bundle_id"], name=doc["name"], version=doc["version_"], release=doc["release"],
-        created=doc["created"], path=doc["path"], units=units, images_dir=doc["images_dir"],
+        created=doc["created"], path=doc["path"], units=units,
     )
 
 

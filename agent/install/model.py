@@ -148,7 +148,6 @@ class Spec:
     path: str
     units: list[Unit]
     #: Directory of image archives inside the staged bundle, if it carries any.
-    images_dir: str | None = None
 
     @property
     def label(self) -> str:

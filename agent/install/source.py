@@ -49,7 +49,6 @@ def load_spec(*, manifest_json: str, bundle_id: str, path: str, default_timeout:
         created=manifest.created.isoformat(),
         path=path,
         units=units,
-        images_dir=str(staged / "payload" / "images") if (staged / "payload" / "images").is_dir() else None,
     )
     _render_all(spec, tiers=manifest.tiers, staged=staged, components={c.name: c for c in manifest.components})
     check_dag(spec)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Kit
+from bundle_kit import Kit
 
 from bundles import build, content, errors, verify
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOW, Kit
+from bundle_kit import NOW, Kit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

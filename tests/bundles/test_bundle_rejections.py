@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOW, Kit, _header, snapshot
+from bundle_kit import NOW, Kit, _header, link, snapshot
 
 from bundles import container, errors, keys, manifest, verify
 
@@ -141,7 +141,6 @@ def test_manifest_not_first(kit: Kit) -> None:
 
 def test_root_chain_over_its_byte_cap(kit: Kit) -> None:
     """The chain member's size is capped before it is read, like the envelope's."""
-    from conftest import link
 
     g2 = [keys.generate() for _ in range(3)]
     path = kit.bundle(signers=g2[:2], chain=[link(kit.release_keys, g2, version=2)])

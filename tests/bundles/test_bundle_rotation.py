@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import NOW, Kit, link, snapshot
+from bundle_kit import NOW, Kit, link, snapshot
 
 from bundles import errors, keys, trust, verify
 

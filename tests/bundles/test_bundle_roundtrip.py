@@ -9,7 +9,7 @@ import os
 import stat
 
 import pytest
-from conftest import NOW, Kit, snapshot
+from bundle_kit import NOW, Kit, snapshot
 
 from bundles import container, content, errors, pack, trust, verify
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import NOW, Kit, snapshot
+from bundle_kit import NOW, Kit, snapshot
 
 from bundles import errors, streaming, trust, verify
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import NOW, Kit, link
+from bundle_kit import NOW, Kit, link
 
 from bundles import cli, errors, keys, trust, verify
 

@@ -79,6 +79,14 @@ async def spec_for(ctx: AgentContext, rec: journal.BundleRecord) -> model.Spec:
     return spec
 
 
+def keep_only_current_spec(ctx: AgentContext) -> None:
+    """After a run, supervision needs the committed bundle's spec only: the one it replaced (or
+    the failed target) is read again from its rendered cache should a later run need it."""
+    cur = journal.current(ctx.store)
+    for bundle_id in [b for b in _specs if cur is None or b != cur.bundle_id]:
+        del _specs[bundle_id]
+
+
 # --- locking -----------------------------------------------------------------------------------
 
 
@@ -551,6 +559,7 @@ async def run(ctx: AgentContext) -> None:
                         if mine:
                             await run_pending(ctx, api)
                             supervisor.reset()
+                            keep_only_current_spec(ctx)
                             release_memory()
                 else:
                     await supervisor.tick()

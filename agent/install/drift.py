@@ -289,8 +289,8 @@ class Supervisor:
             suspect = [k for k in unit.keys if k not in versions or versions[k] != verified.get(k)]
             if not suspect:
                 continue
-            # One GET per changed object, not a LIST of the component: the first pass after a
-            # start reads everything, and a LIST of big CRDs would balloon the heap for good.
+            # One GET per changed object, not a LIST of the component: a pass without stored
+            # versions (another cluster) reads everything, and a LIST of big CRDs would balloon the heap for good.
             # Likewise the bundle's side is parsed one object at a time (see model.Unit).
             for key, raw in sorted(unit.documents(suspect), key=lambda doc: render.key_order(doc[0])):
                 obj = json.loads(raw)

@@ -112,7 +112,8 @@ def exclusive(state_dir: Path, *, wait: bool = False, name: str = LOCK_NAME) -> 
 async def run_layer(units: list[model.Unit], fn: Callable[[model.Unit], Awaitable[None]], *, parallelism: int) -> None:
     """Run ``fn`` per unit, a unit only after its dependsOn (within the layer), ``parallelism`` at once.
 
-    The first failure cancels the rest of the layer and is re-raised as itself.
+    The first failure cancels the rest of the layer and is re-raised as itself (an API server
+    that went away too: the caller waits it out, it must not arrive as an ExceptionGroup).
     """
     finished = {u.name: asyncio.Event() for u in units}
     sem = asyncio.Semaphore(parallelism)
@@ -129,7 +130,7 @@ async def run_layer(units: list[model.Unit], fn: Callable[[model.Unit], Awaitabl
         async with asyncio.TaskGroup() as group:
             for unit in units:
                 group.create_task(one(unit))
-    except* (InstallFailed, apply.ApplyFailed, gates.GateFailed) as eg:
+    except* (InstallFailed, apply.ApplyFailed, gates.GateFailed, kube.KubeUnavailable) as eg:
         raise eg.exceptions[0] from None
 
 
@@ -271,7 +272,10 @@ class _Runner:
         async def do_apply() -> dict[str, Any]:
             versions: dict[str, str] = {}
             count = await apply.apply_unit(self.api, unit, deadline=deadline, step=step, versions=versions)
-            await drift.save_verified(self.store, self.api, versions)
+            # An optimisation only (drift re-reads what is not recorded): never a reason to stop
+            # the step, e.g. when the API server went away right after the last apply.
+            with contextlib.suppress(kube.KubeError):
+                await drift.save_verified(self.store, self.api, versions)
             return {"objects": count}
 
         async def do_gate() -> dict[str, Any]:

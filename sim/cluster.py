@@ -476,16 +476,26 @@ class Cluster:
         uid = pod["metadata"].get("uid")
         self._pod_timers[key] = self.later(self.timing.pod_startup, self._start_pod, key, uid)
 
-    def _start_pod(self, key: str, uid: str) -> None:
+    def _timer_target(self, key: str, uid: str) -> tuple[dict[str, Any], NodeState] | None:
+        """A pod timer's pod and node, if the timer still applies: the same pod (uid), not being
+        deleted, on a node that is up. A pod that is gone also forgets its pull failures."""
         self._pod_timers.pop(key, None)
         ns, name = key.split("/", 1)
         pod = self.api.get(("", "pods"), ns, name)
         if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
             self._pull_failures.pop(uid, None)
-            return
+            return None
         node = self.nodes.get(pod["spec"].get("nodeName", ""))
         if node is None or node.state != "up":
+            return None
+        return pod, node
+
+    def _start_pod(self, key: str, uid: str) -> None:
+        target = self._timer_target(key, uid)
+        if target is None:
             return
+        pod, node = target
+        ns, name = key.split("/", 1)
         if self._pull_images(pod, node, key):
             return
         self._pull_failures.pop(uid, None)
@@ -584,15 +594,11 @@ class Cluster:
 
     def _pull_backed_off(self, key: str, uid: str, remaining: float) -> None:
         """The pod's next sync while its pull is backing off: ``ImagePullBackOff``; retry when it runs out."""
-        self._pod_timers.pop(key, None)
+        target = self._timer_target(key, uid)
+        if target is None:
+            return
+        pod, _ = target
         ns, name = key.split("/", 1)
-        pod = self.api.get(("", "pods"), ns, name)
-        if pod is None or pod["metadata"].get("uid") != uid or pod["metadata"].get("deletionTimestamp"):
-            self._pull_failures.pop(uid, None)
-            return
-        node = self.nodes.get(pod["spec"].get("nodeName", ""))
-        if node is None or node.state != "up":
-            return
         self._pod_timers[key] = self.later(remaining, self._start_pod, key, uid)
         new = json.loads(json.dumps(pod))
         for field in ("initContainerStatuses", "containerStatuses"):

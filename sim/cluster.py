@@ -501,15 +501,7 @@ class Cluster:
         self._pull_failures.pop(uid, None)
         now = apiserver.now_iso()
         new = json.loads(json.dumps(pod))
-        status = new.setdefault("status", {})
-        status["phase"] = "Running"
-        status["hostIP"] = f"172.18.0.{node.index + 2}"
-        status["hostIPs"] = [{"ip": status["hostIP"]}]
-        if not status.get("podIP"):
-            ip = f"10.42.{node.index}.{next(node.pod_seq) % 250 + 2}"
-            status["podIP"] = ip
-            status["podIPs"] = [{"ip": ip}]
-        status.setdefault("startTime", now)
+        status = _sandbox_status(new, node, phase="Running", now=now)
         restarts = {c.get("name"): c.get("restartCount", 0) for c in status.get("containerStatuses") or []}
         status["containerStatuses"] = [
             {"name": c.get("name"), "image": c.get("image"), "imageID": f"{c.get('image')}@sha256:sim",
@@ -620,16 +612,8 @@ class Cluster:
         """Pending with a sandbox (pod IP) and waiting containers, as a real kubelet reports a failed pull."""
         now = apiserver.now_iso()
         new = json.loads(json.dumps(pod))
-        status = new.setdefault("status", {})
-        old = {c.get("type"): c for c in status.get("conditions") or []}
-        status["phase"] = "Pending"
-        status["hostIP"] = f"172.18.0.{node.index + 2}"
-        status["hostIPs"] = [{"ip": status["hostIP"]}]
-        if not status.get("podIP"):
-            ip = f"10.42.{node.index}.{next(node.pod_seq) % 250 + 2}"
-            status["podIP"] = ip
-            status["podIPs"] = [{"ip": ip}]
-        status.setdefault("startTime", now)
+        old = {c.get("type"): c for c in (new.get("status") or {}).get("conditions") or []}
+        status = _sandbox_status(new, node, phase="Pending", now=now)
         spec = pod["spec"]
         uid = pod["metadata"]["uid"]
         restarts = {c.get("name"): c.get("restartCount", 0) for c in status.get("containerStatuses") or []}
@@ -977,3 +961,18 @@ class Cluster:
         elif res.kind == "TokenReview":
             doc["status"] = {"authenticated": True, "user": {"username": "system:admin"}}
         return doc
+
+
+def _sandbox_status(pod: dict[str, Any], node: NodeState, *, phase: str, now: str) -> dict[str, Any]:
+    """Set what a pod's status has once the kubelet made its sandbox: phase, host and pod IPs
+    (the pod IP kept across restarts), start time. Returns the status, changed in place."""
+    status: dict[str, Any] = pod.setdefault("status", {})
+    status["phase"] = phase
+    status["hostIP"] = f"172.18.0.{node.index + 2}"
+    status["hostIPs"] = [{"ip": status["hostIP"]}]
+    if not status.get("podIP"):
+        ip = f"10.42.{node.index}.{next(node.pod_seq) % 250 + 2}"
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    status.setdefault("startTime", now)
+    return status

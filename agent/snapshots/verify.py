@@ -22,6 +22,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, cast
@@ -221,25 +222,27 @@ async def verify_raw(
     compress_to: Path | None = None,
     level: int = 3,
     digest: Digest | None = None,
+    status: Awaitable[Status] | None = None,
 ) -> tuple[Status, Digest]:
     """Both checks at once on a raw snapshot; compress while hashing if asked.
 
     ``digest``: already computed while the file was written (:func:`follow`); then only
-    ``etcdutl`` remains to run.
+    ``etcdutl`` remains to run. ``status``: :func:`etcd_status` of ``path``, already started.
     """
+    running = status if status is not None else etcd_status(etcdutl, path, timeout=timeout)
     if digest is not None:
-        status = await etcd_status(etcdutl, path, timeout=timeout)
+        status_ = await running
     else:
         digest_task = asyncio.create_task(asyncio.to_thread(digest_raw, path, compress_to=compress_to, level=level))
         try:
-            status = await etcd_status(etcdutl, path, timeout=timeout)
+            status_ = await running
         except BaseException:
             await asyncio.gather(digest_task, return_exceptions=True)
             raise
         digest = await digest_task
-    if status.total_size > digest.size:
-        raise VerificationFailed(f"etcdutl reports {status.total_size} bytes but the file has {digest.size}")
-    return status, digest
+    if status_.total_size > digest.size:
+        raise VerificationFailed(f"etcdutl reports {status_.total_size} bytes but the file has {digest.size}")
+    return status_, digest
 
 
 def _fresh_name(directory: Path) -> Path:

@@ -261,7 +261,9 @@ async def test_digest_is_streamed_while_etcdctl_writes(etcd, make_ctx, tmp_path)
     ctx = make_ctx(etcd.url, compress=True)
     ctx.config.snapshot_dir.mkdir(parents=True)
     dest = ctx.config.snapshot_dir / "x.db.part"
-    streamed = await take._save(ctx, dest, growing=dest.with_name("x.db.part.part"), compress_to=tmp_path / "a.zst")
+    draining = await take._save(ctx, dest, growing=dest.with_name("x.db.part.part"), compress_to=tmp_path / "a.zst")
+    assert draining is not None
+    streamed = await draining
     assert streamed is not None  # the follower vouched for what it read during the download
     after = verify.digest_raw(dest, compress_to=tmp_path / "b.zst")
     assert (streamed.size, streamed.sha256) == (after.size, after.sha256) == (dest.stat().st_size, after.sha256)

@@ -153,7 +153,7 @@ class Supervisor:
         self.established: dict[str, str] = {}
 
     def reset(self) -> None:
-        """After an install run: reload what it verified (:func:`seed_verified`), re-check health."""
+        """After an install run: reload what it verified (:func:`save_verified`), re-check health."""
         self.next_health = 0.0
         self.verified = None
         self.established.clear()
@@ -290,8 +290,8 @@ class Supervisor:
             if not suspect:
                 continue
             # One GET per changed object, not a LIST of the component: a pass without stored
-            # versions (another cluster) reads everything, and a LIST of big CRDs would balloon the heap for good.
-            # Likewise the bundle's side is parsed one object at a time (see model.Unit).
+            # versions (another cluster) reads everything, and a LIST of big CRDs would balloon
+            # the heap for good. Likewise the bundle's side is parsed one object at a time.
             for key, raw in sorted(unit.documents(suspect), key=lambda doc: render.key_order(doc[0])):
                 obj = json.loads(raw)
                 have = await self._get(obj) if key in versions else None

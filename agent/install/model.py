@@ -147,7 +147,6 @@ class Spec:
     created: str
     path: str
     units: list[Unit]
-    #: Directory of image archives inside the staged bundle, if it carries any.
 
     @property
     def label(self) -> str:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+
+async def until(pred: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``pred`` (a plain function over the in-process sim) until it is truthy; its value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
 
 
 @dataclass

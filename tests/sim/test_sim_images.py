@@ -3,20 +3,22 @@ containerd's words, back-off retries, InvalidImageName, init containers, events,
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sim_helpers import Kubectl
+from sim_helpers import Kubectl, until
 
 import sim.testing
 from sim import images
 from sim.cluster import Timing
+
+#: Image pulls back off for seconds: a longer default wait than the other sim tests.
+_until = functools.partial(until, timeout=20.0)
 
 
 def test_references_normalize_like_docker() -> None:
@@ -56,17 +58,6 @@ def _pod(name: str, *images_: str, init: tuple[str, ...] = ()) -> dict[str, Any]
     if init:
         spec["initContainers"] = [{"name": f"i{i}", "image": img} for i, img in enumerate(init)]
     return {"metadata": {"name": name}, "spec": spec}
-
-
-async def _until(pred: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def _waiting(pod: dict[str, Any] | None, field: str = "containerStatuses") -> dict[str, dict[str, Any]]:

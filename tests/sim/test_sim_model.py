@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
+
+from sim_helpers import until
 
 import sim.testing
 from sim.cluster import NodeSize, Timing
@@ -46,17 +47,6 @@ def pod(name: str, *, cpu: str = "100m", memory: str = "64Mi", **spec: Any) -> d
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
             "spec": {"containers": [{"name": "c", "image": "img:1",
                                      "resources": {"requests": {"cpu": cpu, "memory": memory}}}], **spec}}
-
-
-async def until(pred: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def node(site: sim.testing.Site, name: str) -> dict[str, Any]:

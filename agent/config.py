@@ -4,16 +4,27 @@ Environment variables win over the file, named ``EDGEFLEET_AGENT_<FIELD>`` and
 ``EDGEFLEET_AGENT_<SECTION>__<FIELD>`` (e.g. ``EDGEFLEET_AGENT_LINK__HOST=hub.example``).
 Unknown keys are errors, not silently ignored: a typo in a config file must not become a
 default that nobody asked for. Any mistake is reported as one line naming the field.
+
+The overrides are read here (:func:`environment`) rather than by pydantic-settings, which the hub
+uses: with its dotenv, cloud-secret and CLI sources it costs every agent process ~3.5 MiB of RSS
+(``docs/operations.md``, "Memory") for the twenty lines below. The rules are pydantic-settings'
+(``env_prefix``, ``env_nested_delimiter="__"``): names are case-insensitive, a value for a list,
+mapping or section is JSON, anything else is a string pydantic converts, and the overrides are
+merged into the file's sections key by key.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent import protocol
 
@@ -242,10 +253,11 @@ class LinkConfig(_Section):
         return self
 
 
-class AgentConfig(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="EDGEFLEET_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     site_id: str = Field(pattern=protocol.SITE_ID_PATTERN)
     state_dir: Path = Path("/var/lib/edgefleet")
@@ -261,18 +273,6 @@ class AgentConfig(BaseSettings):
     snapshots: SnapshotConfig = SnapshotConfig()
     link: LinkConfig = LinkConfig()
     images: ImagesConfig = ImagesConfig()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment overrides the YAML file (passed as init kwargs).
-        return (env_settings, init_settings)
 
     @property
     def inbox(self) -> Path:
@@ -317,11 +317,76 @@ def describe(exc: ValidationError, *, where: str) -> str:
     return f"{where}: {field + ': ' if field else ''}{msg}{more}"
 
 
+def _is_structured(annotation: Any) -> bool:
+    """Whether an env value for a field of this type is JSON (lists, mappings, sections)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_structured(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return origin in (list, dict, tuple, set, frozenset)
+
+
+def environment(env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``EDGEFLEET_AGENT_*`` overrides as a nested mapping, and which variable set each field.
+
+    A name that is not a field of :class:`AgentConfig` at its top level is ignored, as
+    pydantic-settings does (other software may share the prefix); below the top level the
+    sections forbid unknown keys, so ``EDGEFLEET_AGENT_LINK__HOTS`` is an error naming it.
+    """
+    overrides: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, value in sorted((os.environ if env is None else env).items()):
+        if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        field = AgentConfig.model_fields.get(path[0])
+        if field is None or not all(path):
+            continue
+        annotation: Any = field.annotation
+        for key in path[1:]:
+            section = next((a for a in (annotation, *typing.get_args(annotation))
+                            if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            sub = section.model_fields.get(key) if section is not None else None
+            annotation = sub.annotation if sub is not None else None
+        parsed: Any = value
+        if _is_structured(annotation):
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ConfigError(f"environment {name}: not valid JSON: {exc}") from None
+        node = overrides
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        leaf = node.get(path[-1])
+        if isinstance(leaf, dict) and isinstance(parsed, dict):  # ..._LINK='{...}' and ..._LINK__HOST
+            parsed = _merged(parsed, leaf)
+        node[path[-1]] = parsed
+        origins[".".join(path)] = name
+    return overrides, origins
+
+
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        out[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
 def load(path: Path, **overrides: Any) -> AgentConfig:
-    """Load and validate the config file; raise :class:`ConfigError` with one clear line."""
-    doc = read_mapping(path)
-    doc.update(overrides)
+    """Load and validate the config file, the environment overriding it; raise :class:`ConfigError`
+    with one clear line (naming the variable when the bad value came from the environment)."""
+    doc = _merged(read_mapping(path), overrides)
+    env, origins = environment()
+    doc = _merged(doc, env)
     try:
         return AgentConfig(**doc)
     except ValidationError as exc:
-        raise ConfigError(describe(exc, where=str(path))) from None
+        loc = [str(p) for p in exc.errors()[0]["loc"]]
+        source = next((origins[k] for k in (".".join(loc[:n]) for n in range(len(loc), 0, -1)) if k in origins), None)
+        where = f"{path} (environment {source})" if source else str(path)
+        raise ConfigError(describe(exc, where=where)) from None

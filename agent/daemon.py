@@ -51,7 +51,6 @@ if "rich" not in sys.modules and not sys.stdout.isatty():
     sys.modules["rich"] = None  # type: ignore[assignment]
 
 import structlog
-from pydantic_settings import SettingsError
 
 from agent import (
     commands,
@@ -438,9 +437,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = agent_config.load(Path(args.config))
     except agent_config.ConfigError as exc:
         print(f"edgefleet-agent: config error: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
-    except SettingsError as exc:  # a malformed EDGEFLEET_AGENT_* environment value
-        print(f"edgefleet-agent: config error: environment: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     try:
         return run(config)

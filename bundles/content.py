@@ -1,7 +1,9 @@
 """Kubernetes objects from a staged bundle's YAML files.
 
 Public surface (stable): ``load_objects(staged_dir, component) -> list[dict]``,
-``parse_documents(text, *, source) -> list[dict]``, ``ContentError``.
+``iter_objects(staged_dir, component) -> Iterator[dict]`` (one document parsed at a time, for
+readers that must not hold a whole component: a CRD-heavy one is megabytes of YAML and several
+times that as dicts), ``parse_documents(text, *, source) -> list[dict]``, ``ContentError``.
 
 ``staged_dir`` is ``StagedBundle.path`` (the payload lives under ``payload/``); a payload dir
 itself is accepted too. Objects come back in file order, then document order, which is the
@@ -18,8 +20,9 @@ Parsing rules, matching what the API server and kubectl would see:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -44,12 +47,21 @@ _Loader.add_constructor("tag:yaml.org,2002:value", _value_as_string)
 
 
 def parse_documents(text: str, *, source: str) -> list[dict[str, Any]]:
-    try:
-        docs = list(yaml.load_all(text, Loader=_Loader))
-    except yaml.YAMLError as exc:
-        raise ContentError(f"{source}: YAML error: {' '.join(str(exc).split())}") from None
-    out: list[dict[str, Any]] = []
-    for i, doc in enumerate(docs):
+    return list(_objects(text, source=source))
+
+
+def _objects(stream: str | IO[str], *, source: str) -> Iterator[dict[str, Any]]:
+    """The objects of a multi-document YAML text or text stream, parsed one document at a time."""
+    docs: Iterator[Any] = iter(yaml.load_all(stream, Loader=_Loader))
+    i = -1
+    while True:
+        try:
+            doc = next(docs)
+        except StopIteration:
+            return
+        except yaml.YAMLError as exc:
+            raise ContentError(f"{source}: YAML error: {' '.join(str(exc).split())}") from None
+        i += 1
         if doc is None:
             continue
         if not isinstance(doc, dict) or not doc.get("apiVersion") or not doc.get("kind"):
@@ -59,22 +71,22 @@ def parse_documents(text: str, *, source: str) -> list[dict[str, Any]]:
             for item in doc["items"]:
                 if not isinstance(item, dict) or not item.get("apiVersion") or not item.get("kind"):
                     raise ContentError(f"{source}: an item of the {kind} in document {i} is not an object")
-                out.append(item)
+                yield item
             continue
-        out.append(doc)
-    return out
+        yield doc
 
 
 def load_objects(staged_dir: Path | str, component: Component) -> list[dict[str, Any]]:
+    return list(iter_objects(staged_dir, component))
+
+
+def iter_objects(staged_dir: Path | str, component: Component) -> Iterator[dict[str, Any]]:
     base = Path(staged_dir)
     if (base / "payload").is_dir():
         base = base / "payload"
-    objects: list[dict[str, Any]] = []
     for rel in component.files:
-        path = base / rel
         try:
-            text = path.read_text(encoding="utf-8")
+            with (base / rel).open(encoding="utf-8") as fh:
+                yield from _objects(fh, source=f"{component.name}:{rel}")
         except (OSError, UnicodeDecodeError) as exc:
             raise ContentError(f"component {component.name}: cannot read {rel}: {exc}") from None
-        objects.extend(parse_documents(text, source=f"{component.name}:{rel}"))
-    return objects

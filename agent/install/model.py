@@ -70,14 +70,44 @@ def pack(objects: Iterable[Mapping[str, Any]]) -> bytes:
     One document per line (JSON escapes newlines inside strings) lets a reader parse the objects
     one at a time (:meth:`Unit.documents`) instead of materialising a whole component.
     """
-    lines = b"\n".join(json.dumps(obj, separators=(",", ":")).encode() for obj in objects)
-    return zstandard.ZstdCompressor(level=3).compress(lines)
+    return zstandard.ZstdCompressor(level=3).compress(b"\n".join(dump(obj) for obj in objects))
+
+
+def dump(obj: Mapping[str, Any]) -> bytes:
+    """One object as the compact JSON line :func:`pack` stores."""
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def unpack_lines(blob: bytes) -> list[bytes]:
     """The raw JSON documents of :func:`pack`, unparsed (one bytes object each)."""
-    data = zstandard.ZstdDecompressor().decompress(blob) if blob else b""
-    return data.split(b"\n") if data else []
+    return list(iter_lines(blob))
+
+
+def iter_lines(blob: bytes) -> Iterator[bytes]:
+    """:func:`unpack_lines` one line at a time, decompressing as it goes: a reader after a few
+    documents of a big component (drift) never holds the whole of it (prometheus: 2.5 MB)."""
+    if not blob:
+        return
+    reader = zstandard.ZstdDecompressor().stream_reader(blob)
+    tail, empty = b"", True
+    while chunk := reader.read(64 * 1024):
+        empty = False
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if not empty:  # pack([]) is an empty frame: no documents, not one empty one
+        yield tail
+
+
+#: How far a live object was seen: (resourceVersion, metadata.generation, 0 if its kind has none).
+Seen = tuple[str, int]
+
+
+def seen(obj: Mapping[str, Any]) -> Seen:
+    """The :data:`Seen` of a live object (or of the server's answer to an apply)."""
+    meta = obj.get("metadata") or {}
+    generation = meta.get("generation")
+    return str(meta.get("resourceVersion") or ""), generation if isinstance(generation, int) else 0
 
 
 def stub(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,13 +156,19 @@ class Unit:
     def documents(self, keys: Iterable[str] | None = None) -> list[tuple[str, bytes]]:
         """(key, raw JSON) of the objects with these keys (all if None), in stored order, unparsed."""
         wanted = None if keys is None else set(keys)
-        return [(key, line) for key, line in zip(self.keys, unpack_lines(self.blob), strict=True)
+        return [(key, line) for key, line in zip(self.keys, iter_lines(self.blob), strict=True)
                 if wanted is None or key in wanted]
 
     def set_objects(self, objects: list[dict[str, Any]]) -> None:
         self.blob = pack(objects)
         self.keys = [Ref.of(obj).key for obj in objects]
         self.kinds = {(str(obj.get("apiVersion")), str(obj.get("kind"))) for obj in objects}
+
+    def set_documents(self, documents: list[tuple[str, tuple[str, str], bytes]]) -> None:
+        """Like :meth:`set_objects`, from (key, (apiVersion, kind), compact JSON) already serialized."""
+        self.blob = zstandard.ZstdCompressor(level=3).compress(b"\n".join(doc for _, _, doc in documents))
+        self.keys = [key for key, _, _ in documents]
+        self.kinds = {kinds for _, kinds, _ in documents}
 
     def refs(self) -> dict[str, str]:
         return {key: self.name for key in self.keys}

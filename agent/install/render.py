@@ -41,6 +41,18 @@ CLUSTER_SCOPED_KINDS = frozenset(
     }
 )
 
+#: The API groups Kubernetes itself serves: objects of any other group are custom resources,
+#: whose scope only their CRD knows (:func:`is_custom`).
+BUILTIN_GROUPS = frozenset(
+    {
+        "", "apps", "batch", "autoscaling", "policy", "admissionregistration.k8s.io", "apiextensions.k8s.io",
+        "apiregistration.k8s.io", "authentication.k8s.io", "authorization.k8s.io", "certificates.k8s.io",
+        "coordination.k8s.io", "discovery.k8s.io", "events.k8s.io", "flowcontrol.apiserver.k8s.io",
+        "internal.apiserver.k8s.io", "networking.k8s.io", "node.k8s.io", "rbac.authorization.k8s.io",
+        "resource.k8s.io", "scheduling.k8s.io", "storage.k8s.io", "storagemigration.k8s.io",
+    }
+)
+
 #: Apply order inside one component (after Namespaces and CRDs, which come first anyway).
 KIND_ORDER = (
     "Namespace", "CustomResourceDefinition", "PriorityClass", "StorageClass", "ServiceAccount", "Secret",
@@ -77,6 +89,11 @@ def is_namespaced(obj: Mapping[str, Any], crds: Mapping[tuple[str, str], bool]) 
     if (group, kind) in crds:
         return crds[(group, kind)]
     return kind not in CLUSTER_SCOPED_KINDS
+
+
+def is_custom(obj: Mapping[str, Any]) -> bool:
+    """Whether ``obj`` is of an API group Kubernetes does not serve itself (a CRD's)."""
+    return str(obj.get("apiVersion", "")).rpartition("/")[0] not in BUILTIN_GROUPS
 
 
 def kind_order(kind: str) -> int:

@@ -270,7 +270,7 @@ class _Runner:
         step = f"{prefix}apply:{unit.name}"
 
         async def do_apply() -> dict[str, Any]:
-            versions: dict[str, str] = {}
+            versions: dict[str, model.Seen] = {}
             count = await apply.apply_unit(self.api, unit, deadline=deadline, step=step, versions=versions)
             # An optimisation only (drift re-reads what is not recorded): never a reason to stop
             # the step, e.g. when the API server went away right after the last apply.

@@ -29,7 +29,8 @@ def top_level(text: str, fields: Collection[str]) -> dict[str, Any]:
     Skipping follows JSON's syntax (strings with escapes, nesting) without building values; it
     trusts its source (the API server, the agent's own rendered cache) for well-formed JSON, and
     raises ValueError where ``text`` is visibly not a JSON object (it does not, e.g., check that
-    brackets match in skipped parts).
+    brackets match in skipped parts). It stops as soon as it has every field: the rest of the
+    object (a CRD's ~700 KB of schema after its metadata) is not even looked at.
     """
     out: dict[str, Any] = {}
     i = _ws(text, 0)
@@ -48,6 +49,8 @@ def top_level(text: str, fields: Collection[str]) -> dict[str, Any]:
         i = _ws(text, i + 1)
         if key in fields:
             out[key], i = _decoder.raw_decode(text, i)
+            if len(out) == len(fields):
+                return out
         else:
             i = _skip(text, i)
         i = _ws(text, i)
@@ -80,6 +83,20 @@ def _skip(text: str, i: int) -> int:
 
 
 def head(document: bytes | str) -> dict[str, Any]:
-    """An object's :data:`HEAD` fields (``apiVersion``, ``kind``, ``metadata``) from its JSON."""
-    return top_level(document.decode() if isinstance(document, bytes) else document, HEAD)
+    """An object's :data:`HEAD` fields (``apiVersion``, ``kind``, ``metadata``) from its JSON.
+
+    They come first in practice (the rendered cache keeps the manifests' key order, the API
+    server writes them first), so a document given as bytes is decoded a prefix at a time,
+    doubling it while the fields run past its end, instead of all at once.
+    """
+    if isinstance(document, str):
+        return top_level(document, HEAD)
+    size = 8192
+    while size < len(document):
+        try:
+            # A cut inside a multi-byte character drops it; a parse that needed it runs out of text.
+            return top_level(document[:size].decode("utf-8", "ignore"), HEAD)
+        except (ValueError, IndexError):
+            size *= 4
+    return top_level(document.decode(), HEAD)
 

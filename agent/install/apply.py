@@ -75,12 +75,12 @@ async def apply_object(api: Any, obj: dict[str, Any], *, deadline: float) -> dic
     return await retrying(lambda: kube.apply(api, obj, fields=("metadata",)), what=str(ref), deadline=deadline)
 
 
-async def apply_document(api: Any, document: bytes, *, deadline: float) -> tuple[dict[str, Any], str]:
+async def apply_document(api: Any, document: bytes, *, deadline: float) -> tuple[dict[str, Any], model.Seen]:
     """:func:`apply_object` for a rendered document as stored (raw JSON): sent as it is, unparsed,
     unless it is a workload whose live replica count must be kept (small objects).
 
     Returns the document's :data:`agent.jsonpick.HEAD` (what the caller needs to know of it) and
-    the resourceVersion the server answered with.
+    the resourceVersion and generation the server answered with.
     """
     head = jsonpick.head(document)
     if head.get("kind") in _LIVE_REPLICAS:
@@ -88,7 +88,7 @@ async def apply_document(api: Any, document: bytes, *, deadline: float) -> tuple
     else:
         answer = await retrying(lambda: kube.apply(api, head, body=document, fields=("metadata",)),
                                 what=str(model.Ref.of(head)), deadline=deadline)
-    return head, str((answer.get("metadata") or {}).get("resourceVersion") or "")
+    return head, model.seen(answer)
 
 
 async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
@@ -104,10 +104,10 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], 
 
 
 async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,
-                     versions: dict[str, str] | None = None) -> int:
+                     versions: dict[str, model.Seen] | None = None) -> int:
     """Apply a component's objects in the order described in the module docstring.
 
-    ``versions`` gets key → resourceVersion of each object as applied: the live object holds
+    ``versions`` gets key → (resourceVersion, generation) of each object as applied: the live object holds
     what the bundle sets at that version (drift need not read it again, see drift.save_verified).
 
     Objects stay raw JSON and go out as such (:func:`apply_document`); only their names are

@@ -9,7 +9,12 @@ Results go to ``site.install`` and metrics.
 Drift (every ``install.drift_interval_seconds``): per component and kind, a metadata-only LIST
 (a server-side ``Table`` with ``includeObject=Metadata``: names and resourceVersions, not the
 objects). An object whose resourceVersion is the one we last verified has not changed and is
-skipped without reading it; a missing one is applied again; a changed one is read and compared:
+skipped without reading it; so is one whose ``metadata.generation`` is still the verified one
+while its labels and annotations (in the metadata LIST) still hold the bundle's: the API server
+bumps the generation on every change to anything but metadata and status, so only its status
+changed (a CRD becoming Established, a Deployment's replicas counting up: the first pass after
+an install would otherwise read all ~8 MB of CRDs once more). A missing one is applied again;
+any other changed one is read and compared:
 if its live state no longer contains what the bundle sets (labels, spec, data ...: "desired ⊆
 live", so server defaults and other managers' fields are not drift), it is server-side applied
 again. Repairs are reported in one ``drift.repaired`` event. The resourceVersion after a repair
@@ -30,11 +35,12 @@ import base64
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from agent import kube, metrics, protocol
+from agent import jsonpick, kube, metrics, protocol
 from agent.context import AgentContext
 from agent.install import apply, gates, journal, model, render
 from agent.state import StateStore
@@ -114,7 +120,7 @@ async def cluster_id(api: Any) -> str:
     return str(((ns or {}).get("metadata") or {}).get("uid") or "")
 
 
-async def load_verified(store: StateStore, api: Any) -> dict[str, str]:
+async def load_verified(store: StateStore, api: Any) -> dict[str, model.Seen]:
     """The persisted verified resourceVersions, if they were recorded in this cluster.
 
     Persisted so that the first drift pass after a restart reads only what changed while the
@@ -127,7 +133,8 @@ async def load_verified(store: StateStore, api: Any) -> dict[str, str]:
     return {}
 
 
-async def save_verified(store: StateStore, api: Any, versions: dict[str, str], *, replace: bool = False) -> None:
+async def save_verified(store: StateStore, api: Any, versions: dict[str, model.Seen], *,
+                        replace: bool = False) -> None:
     """Persist verified resourceVersions (an install's apply answers, a drift pass's findings)
     for this cluster; rows recorded for another cluster are dropped first."""
     uid = await cluster_id(api)
@@ -140,15 +147,36 @@ async def save_verified(store: StateStore, api: Any, versions: dict[str, str], *
     journal.save_verified(store, versions, replace=replace)
 
 
+@dataclass(frozen=True)
+class _Meta:
+    """What drift keeps of an object in a metadata LIST (not its managedFields and the rest)."""
+
+    seen: model.Seen
+    labels: dict[str, Any]
+    annotations: dict[str, Any]
+
+
+def _status_only(live: _Meta, verified: model.Seen | None, desired: dict[str, Any]) -> bool:
+    """Whether a changed object can only have changed in its status: the generation it was
+    verified at is still its generation (the API server bumps it for any change but to metadata
+    and status; 0 means its kind has none, so it proves nothing) and its labels and annotations
+    still hold the bundle's (``desired``: the document's head)."""
+    if verified is None or not verified[1] or verified[1] != live.seen[1]:
+        return False
+    meta = desired.get("metadata") or {}
+    return contains(meta.get("labels") or {}, live.labels) and contains(meta.get("annotations") or {},
+                                                                         live.annotations)
+
+
 class Supervisor:
     def __init__(self, ctx: AgentContext, api: Any) -> None:
         self.ctx = ctx
         self.api = api
         self.next_health = 0.0
         self.next_drift = time.monotonic() + ctx.config.install.drift_interval_seconds
-        #: key → resourceVersion at which the live object was last seen to match the bundle
-        #: (persisted: see :func:`load_verified`); None until loaded.
-        self.verified: dict[str, str] | None = None
+        #: key → (resourceVersion, generation) at which the live object was last seen to match
+        #: the bundle (persisted: see :func:`load_verified`); None until loaded.
+        self.verified: dict[str, model.Seen] | None = None
         #: key → resourceVersion at which a CRD was last seen Established.
         self.established: dict[str, str] = {}
 
@@ -185,8 +213,8 @@ class Supervisor:
             return None  # its CRD is gone: every object of it is missing
         return {model.Ref.of(item).key: item for item in items}
 
-    async def _versions(self, api_version: str, kind: str, selector: str) -> dict[str, str] | None:
-        """key → resourceVersion of the matching objects, from a metadata-only Table LIST."""
+    async def _versions(self, api_version: str, kind: str, selector: str) -> dict[str, _Meta] | None:
+        """key → what :class:`_Meta` keeps of the matching objects, from a metadata-only Table LIST."""
         try:
             resource = await kube.resource_for(self.api, api_version, kind)
             doc = await kube.request(
@@ -197,18 +225,16 @@ class Supervisor:
             kube.forget(self.api, api_version)
             return None
         group = api_version.rpartition("/")[0]
-        out: dict[str, str] = {}
-        if doc.get("kind") == "Table":
-            for row in doc.get("rows") or []:
-                meta = (row.get("object") or {}).get("metadata") or {}
-                ref = model.Ref(group=group, kind=kind, namespace=str(meta.get("namespace") or ""),
-                                name=str(meta.get("name", "")))
-                out[ref.key] = str(meta.get("resourceVersion", ""))
-        else:  # a server without Table support answered with the plain list
-            for item in doc.get("items") or []:
-                item.setdefault("apiVersion", api_version)
-                item.setdefault("kind", kind)
-                out[model.Ref.of(item).key] = str((item.get("metadata") or {}).get("resourceVersion", ""))
+        out: dict[str, _Meta] = {}
+        # a server without Table support answers with the plain list
+        rows = [row.get("object") or {} for row in doc.get("rows") or []] if doc.get("kind") == "Table" \
+            else doc.get("items") or []
+        for item in rows:
+            meta = item.get("metadata") or {}
+            ref = model.Ref(group=group, kind=kind, namespace=str(meta.get("namespace") or ""),
+                            name=str(meta.get("name", "")))
+            out[ref.key] = _Meta(seen=model.seen(item), labels=meta.get("labels") or {},
+                                 annotations=meta.get("annotations") or {})
         return out
 
     async def health(self, spec: model.Spec) -> list[dict[str, Any]]:
@@ -220,7 +246,8 @@ class Supervisor:
         crd_versions: dict[str, str] = {}
         for api_version, kind in sorted(kinds):
             if kind == "CustomResourceDefinition":
-                crd_versions.update(await self._versions(api_version, kind, selector) or {})
+                crd_versions.update({key: meta.seen[0] for key, meta in
+                                     (await self._versions(api_version, kind, selector) or {}).items()})
             else:
                 live.update(await self._list(api_version, kind, selector) or {})
         results: dict[str, tuple[bool, str, bool]] = {}
@@ -281,24 +308,29 @@ class Supervisor:
         repaired: list[str] = []
         learned = 0
         kinds_fixed: Counter[str] = Counter()
-        versions: dict[str, str] = {}  # one metadata LIST per kind for the whole bundle
+        versions: dict[str, _Meta] = {}  # one metadata LIST per kind for the whole bundle
         for api_version, kind in sorted({k for u in spec.units for k in u.kinds}):
             versions.update(await self._versions(api_version, kind, f"{model.LABEL_MANAGED_BY}={model.MANAGED_BY}")
                             or {})
         for unit in spec.units:
-            suspect = [k for k in unit.keys if k not in versions or versions[k] != verified.get(k)]
+            suspect = [k for k in unit.keys if k not in versions or versions[k].seen != verified.get(k)]
             if not suspect:
                 continue
             # One GET per changed object, not a LIST of the component: a pass without stored
             # versions (another cluster) reads everything, and a LIST of big CRDs would balloon
             # the heap for good. Likewise the bundle's side is parsed one object at a time.
             for key, raw in sorted(unit.documents(suspect), key=lambda doc: render.key_order(doc[0])):
+                live = versions.get(key)
+                if live is not None and _status_only(live, verified.get(key), jsonpick.head(raw)):
+                    verified[key] = live.seen
+                    learned += 1
+                    continue
                 obj = json.loads(raw)
-                have = await self._get(obj) if key in versions else None
+                have = await self._get(obj) if live is not None else None
                 if have is not None:
                     want = render.keep_live_replicas(obj, have)
                     if not differs(want, have):
-                        verified[key] = str((have.get("metadata") or {}).get("resourceVersion", ""))
+                        verified[key] = model.seen(have)
                         learned += 1
                         continue
                 try:
@@ -306,7 +338,7 @@ class Supervisor:
                 except apply.ApplyFailed as exc:
                     log.warning("drift repair failed", object=str(model.Ref.of(obj)), error=str(exc))
                     continue
-                verified[key] = str((after.get("metadata") or {}).get("resourceVersion", ""))
+                verified[key] = model.seen(after)
                 learned += 1
                 repaired.append(f"{'restored' if have is None else 'reverted'} {model.Ref.of(obj)}")
                 kinds_fixed[str(obj["kind"])] += 1

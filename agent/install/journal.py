@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agent.install import model
 from agent.state import StateStore
 
 MAX_RESUMES = 3
@@ -84,6 +85,8 @@ MIGRATIONS = [
     # ref -> resourceVersion at which the live object was known to hold what the bundle sets
     # (see agent/install/drift.py); valid for the cluster in kv VERIFIED_CLUSTER_KEY only.
     "CREATE TABLE install_verified (ref TEXT PRIMARY KEY, rv TEXT NOT NULL)",
+    # ... and its metadata.generation then (0: the kind has none), see drift.Supervisor.repair.
+    "ALTER TABLE install_verified ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
 ]
 
 ACTIVE_STATES = ("staged", "applying", "pruning", "committing", "failed", "rolling-back")
@@ -361,16 +364,18 @@ def failpoint(name: str) -> None:
 # --- verified resourceVersions (drift) ---------------------------------------------------------
 
 
-def verified_versions(store: StateStore) -> dict[str, str]:
-    return {row["ref"]: row["rv"] for row in store.db.execute("SELECT ref, rv FROM install_verified")}
+def verified_versions(store: StateStore) -> dict[str, model.Seen]:
+    return {row["ref"]: (row["rv"], int(row["generation"]))
+            for row in store.db.execute("SELECT ref, rv, generation FROM install_verified")}
 
 
-def save_verified(store: StateStore, versions: dict[str, str], *, replace: bool = False) -> None:
-    """Record ref -> resourceVersion pairs (``replace``: they become the whole table)."""
+def save_verified(store: StateStore, versions: dict[str, model.Seen], *, replace: bool = False) -> None:
+    """Record ref -> (resourceVersion, generation) (``replace``: they become the whole table)."""
     with store.transaction() as db:
         if replace:
             db.execute("DELETE FROM install_verified")
         db.executemany(
-            "INSERT INTO install_verified(ref, rv) VALUES(?, ?) ON CONFLICT(ref) DO UPDATE SET rv=excluded.rv",
-            [(ref, rv) for ref, rv in versions.items() if rv],
+            "INSERT INTO install_verified(ref, rv, generation) VALUES(?, ?, ?) "
+            "ON CONFLICT(ref) DO UPDATE SET rv=excluded.rv, generation=excluded.generation",
+            [(ref, rv, generation) for ref, (rv, generation) in versions.items() if rv],
         )

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sim.testing
 from agent import jsonpick, kube
+from agent.install import model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,3 +176,33 @@ async def test_forget_a_group_drops_every_version_of_it() -> None:
         kube.forget(api, group="example.com")
         cached = kube._discoveries[api].by_gv
         assert "example.com/v1" not in cached and {"apps/v1", "v1"} <= set(cached)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pad=st.text(min_size=1, max_size=40), repeat=st.integers(min_value=0, max_value=3000),
+       before=st.booleans(), spec=st.text(max_size=50))
+def test_head_of_bytes_reads_a_prefix_and_agrees_with_json_loads(pad: str, repeat: int, before: bool,
+                                                                   spec: str) -> None:
+    """:func:`jsonpick.head` decodes a growing prefix of a document: metadata of any length, with
+    multi-byte characters wherever a cut falls, and fields in any order, give what json.loads does."""
+    meta = {"name": "x", "annotations": {"a": pad * repeat}}
+    doc: dict[str, Any] = {"spec": {"s": spec * 100}} if before else {}
+    doc.update({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"d": pad * repeat}})
+    raw = json.dumps(doc, ensure_ascii=False).encode()
+    assert jsonpick.head(raw) == {k: doc[k] for k in jsonpick.HEAD}
+
+
+def test_head_without_metadata_reads_to_the_end() -> None:
+    raw = json.dumps({"apiVersion": "v1", "kind": "X", "spec": "é" * 50_000}, ensure_ascii=False).encode()
+    assert jsonpick.head(raw) == {"apiVersion": "v1", "kind": "X"}
+
+
+def test_stored_lines_stream_across_chunk_boundaries() -> None:
+    """Documents of a unit come back one by one (model.iter_lines), whatever their size relative
+    to the decompressor's 64 KiB reads, the same as unpacked at once."""
+    objects = [{"kind": "K", "metadata": {"name": str(i)}, "data": "y" * size}
+               for i, size in enumerate([0, 10, 65_536 - 40, 65_536, 200_000, 3, 131_072])]
+    blob = model.pack(objects)
+    lines = list(model.iter_lines(blob))
+    assert [json.loads(line) for line in lines] == objects
+    assert list(model.iter_lines(b"")) == list(model.iter_lines(model.pack([]))) == []

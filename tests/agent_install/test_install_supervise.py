@@ -211,3 +211,45 @@ async def test_verified_versions_survive_a_restart_in_the_same_cluster_only(
     assert await drift.Supervisor(ctx, api).repair(spec) == []
     assert len([r for r in reads if r != "kube-system"]) == len(spec.refs())
     assert ctx.store.get(journal.VERIFIED_CLUSTER_KEY) not in ("another-cluster", "", None)
+
+
+async def test_status_only_changes_are_not_read_but_label_and_spec_drift_is_repaired(
+    site_config: Path, api: Any, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an install, controllers change workloads' and CRDs' status (new resourceVersion, same
+    generation): the first drift pass must not GET them (the IDP's CRDs are ~8 MB). A label taken
+    off a Deployment (no generation bump) and a change to its spec (a bump) are still repaired."""
+    ctx = await _installed(site_config, api, bundles["1.0.0"])
+    spec = await installer.spec_for(ctx, journal.current(ctx.store))  # type: ignore[arg-type]
+    web = "apps/Deployment/demo-a/web"
+
+    async def status_moved() -> bool:  # the sim's deployment controller has written web's status
+        live = await kube.get(api, "apps/v1", "Deployment", "web", namespace="demo-a")
+        return model.seen(live or {})[0] != journal.verified_versions(ctx.store)[web][0]
+
+    await wait_for(status_moved, timeout=30)
+    reads: list[str] = []
+    real_get = kube.get
+
+    async def counting_get(*args: Any, **kwargs: Any) -> Any:
+        reads.append(f"{args[2]}/{args[3]}")
+        return await real_get(*args, **kwargs)
+
+    monkeypatch.setattr(kube, "get", counting_get)
+    before = journal.verified_versions(ctx.store)
+    sup = drift.Supervisor(ctx, api)
+    assert await sup.repair(spec) == []
+    after = journal.verified_versions(ctx.store)
+    assert after[web][0] != before[web][0] and after[web][1] == before[web][1] >= 1
+    assert [r for r in reads if r != "Namespace/kube-system"] == []
+
+    await kube.patch(api, "apps/v1", "Deployment", "web", {"metadata": {"labels": {model.LABEL_TIER: None}}},
+                     namespace="demo-a", field_manager="kubectl-edit")
+    assert await sup.repair(spec) == ["reverted Deployment/demo-a/web"]
+    await kube.patch(api, "apps/v1", "Deployment", "web", {"spec": {"template": {"spec": {"containers": [
+        {"name": "web", "image": "nginx:1.0"}]}}}}, namespace="demo-a", patch_type="strategic",
+        field_manager="kubectl-edit")
+    assert await sup.repair(spec) == ["reverted Deployment/demo-a/web"]
+    live = await real_get(api, "apps/v1", "Deployment", "web", namespace="demo-a")
+    assert live is not None and live["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27"
+    assert live["metadata"]["labels"][model.LABEL_TIER] == "2"

@@ -39,3 +39,24 @@ def test_imports_flow_one_way(package: str) -> None:
         if bad:
             offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("package", ["bundles", "agent"])
+def test_agent_side_imports_only_its_declared_dependencies(package: str) -> None:
+    """The agent is installed on nodes without the hub's extras: a module of a hub-only (or
+    undeclared) distribution, e.g. pydantic-settings, fails there at import time."""
+    import importlib.metadata
+    import re
+    import sys
+    import tomllib
+
+    declared = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+                for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    dists = importlib.metadata.packages_distributions()
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for module in _imported_packages(path) - set(sys.stdlib_module_names) - set(FORBIDDEN) - {"__future__"}:
+            owners = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+            if not owners & declared:
+                offenders.append(f"{path.relative_to(ROOT)} imports {module} ({', '.join(sorted(owners))})")
+    assert not offenders, offenders

@@ -12,71 +12,108 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 #: What identifies an object (the REST path, labels, the implied health check), not its body.
 HEAD = ("apiVersion", "kind", "metadata")
 
-_WS = re.compile(r"\s*")
-#: A run of anything but brackets, strings skipped whole (possessive: no backtracking state).
-_FLAT = re.compile(r'(?:[^"{}\[\]]++|"(?:[^"\\]++|\\.)*+")*+', re.S)
-_decoder = json.JSONDecoder()
+@dataclass(frozen=True)
+class _Syntax:
+    """The patterns, compiled once for ``str`` and once for ``bytes`` (JSON's structural characters
+    are ASCII, and UTF-8 never uses ASCII bytes inside a multi-byte character, so the same scan
+    works on the raw bytes of an answer, which then need not be decoded as a whole)."""
+
+    ws: re.Pattern[Any]
+    flat: re.Pattern[Any]
+    string: re.Pattern[Any]
+    scalar: re.Pattern[Any]
 
 
-def top_level(text: str, fields: Collection[str]) -> dict[str, Any]:
+def _syntax(kind: type) -> _Syntax:
+    def c(pattern: str) -> re.Pattern[Any]:
+        return re.compile(pattern.encode() if kind is bytes else pattern, re.S)
+
+    return _Syntax(
+        ws=c(r"\s*"),
+        # A run of anything but brackets, strings skipped whole (possessive: no backtracking state).
+        flat=c(r'(?:[^"{}\[\]]++|"(?:[^"\\]++|\\.)*+")*+'),
+        string=c(r'"(?:[^"\\]++|\\.)*+"'),
+        scalar=c(r"[^,}\]\s]+"),
+    )
+
+
+_SYNTAX = {str: _syntax(str), bytes: _syntax(bytes)}
+
+
+def top_level(text: str | bytes, fields: Collection[str]) -> dict[str, Any]:
     """The given top-level fields of the JSON object ``text``; every other value is skipped unparsed.
 
     Skipping follows JSON's syntax (strings with escapes, nesting) without building values; it
     trusts its source (the API server, the agent's own rendered cache) for well-formed JSON, and
     raises ValueError where ``text`` is visibly not a JSON object (it does not, e.g., check that
     brackets match in skipped parts). It stops as soon as it has every field: the rest of the
-    object (a CRD's ~700 KB of schema after its metadata) is not even looked at.
+    object (a CRD's ~700 KB of schema after its metadata) is not even looked at. ``text`` may be
+    the undecoded bytes: only the values returned are decoded.
     """
+    syntax = _SYNTAX[bytes if isinstance(text, bytes) else str]
     out: dict[str, Any] = {}
-    i = _ws(text, 0)
-    if text[i : i + 1] != "{":
+    i = _ws(syntax, text, 0)
+    if _at(text, i) != "{":
         raise ValueError("not a JSON object")
-    i = _ws(text, i + 1)
-    if text[i : i + 1] == "}":
+    i = _ws(syntax, text, i + 1)
+    if _at(text, i) == "}":
         return out
     while True:
-        if text[i : i + 1] != '"':
+        key_end = syntax.string.match(text, i)
+        if _at(text, i) != '"' or key_end is None:
             raise ValueError(f"expected a key at {i}")
-        key, i = _decoder.raw_decode(text, i)
-        i = _ws(text, i)
-        if text[i : i + 1] != ":":
+        key = json.loads(text[i : key_end.end()])
+        i = _ws(syntax, text, key_end.end())
+        if _at(text, i) != ":":
             raise ValueError(f"expected ':' at {i}")
-        i = _ws(text, i + 1)
+        i = _ws(syntax, text, i + 1)
+        end = _skip(syntax, text, i)
         if key in fields:
-            out[key], i = _decoder.raw_decode(text, i)
+            out[key] = json.loads(text[i:end])
             if len(out) == len(fields):
                 return out
-        else:
-            i = _skip(text, i)
-        i = _ws(text, i)
-        if text[i : i + 1] == "}":
+        i = _ws(syntax, text, end)
+        if _at(text, i) == "}":
             return out
-        if text[i : i + 1] != ",":
+        if _at(text, i) != ",":
             raise ValueError(f"expected ',' or '}}' at {i}")
-        i = _ws(text, i + 1)
+        i = _ws(syntax, text, i + 1)
 
 
-def _ws(text: str, i: int) -> int:
-    space = _WS.match(text, i)
+def _at(text: str | bytes, i: int) -> str:
+    """The character at ``i`` ('' past the end); for bytes, the byte as a character."""
+    if i >= len(text):
+        return ""
+    char = text[i]
+    return chr(char) if isinstance(char, int) else char
+
+
+def _ws(syntax: _Syntax, text: str | bytes, i: int) -> int:
+    space = syntax.ws.match(text, i)
     return space.end() if space else i
 
 
-def _skip(text: str, i: int) -> int:
+def _skip(syntax: _Syntax, text: str | bytes, i: int) -> int:
     """The index just after the JSON value that starts at ``i``."""
-    if text[i : i + 1] not in ("{", "["):
-        return _decoder.raw_decode(text, i)[1]  # a scalar: small
+    first = _at(text, i)
+    if first not in ("{", "["):  # a scalar: a string, or a number/true/false/null
+        scalar = (syntax.string if first == '"' else syntax.scalar).match(text, i)
+        if scalar is None or scalar.end() == i:
+            raise ValueError(f"expected a value at {i}")
+        return scalar.end()
     depth = 0
     while True:
-        flat = _FLAT.match(text, i)
+        flat = syntax.flat.match(text, i)
         i = flat.end() if flat else i
         if i >= len(text):
             raise ValueError("unterminated JSON value")
-        depth += 1 if text[i] in "{[" else -1
+        depth += 1 if _at(text, i) in "{[" else -1
         i += 1
         if depth == 0:
             return i
@@ -86,17 +123,6 @@ def head(document: bytes | str) -> dict[str, Any]:
     """An object's :data:`HEAD` fields (``apiVersion``, ``kind``, ``metadata``) from its JSON.
 
     They come first in practice (the rendered cache keeps the manifests' key order, the API
-    server writes them first), so a document given as bytes is decoded a prefix at a time,
-    doubling it while the fields run past its end, instead of all at once.
+    server writes them first), so the rest of a big document is neither decoded nor scanned.
     """
-    if isinstance(document, str):
-        return top_level(document, HEAD)
-    size = 8192
-    while size < len(document):
-        try:
-            # A cut inside a multi-byte character drops it; a parse that needed it runs out of text.
-            return top_level(document[:size].decode("utf-8", "ignore"), HEAD)
-        except (ValueError, IndexError):
-            size *= 4
-    return top_level(document.decode(), HEAD)
-
+    return top_level(document, HEAD)

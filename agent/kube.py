@@ -355,13 +355,13 @@ async def request(
         )
         if fields is not None:  # the raw aiohttp response: check and decode it here
             async with result:
-                text = (await result.read()).decode("utf-8", "replace")
+                raw = await result.read()
             if not 200 <= result.status <= 299:
                 error = ApiException(status=result.status, reason=result.reason)
-                error.body = text
+                error.body = raw.decode("utf-8", "replace")
                 raise error
-            try:
-                result = jsonpick.top_level(text, fields)
+            try:  # from the bytes: a big answer (a CRD) is never decoded as a whole
+                result = jsonpick.top_level(raw, fields)
             except ValueError as exc:
                 raise KubeError(f"malformed answer to {method} {path}: {exc}") from None
     except ApiException as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import structlog
@@ -92,14 +92,22 @@ async def apply_document(api: Any, document: bytes, *, deadline: float) -> tuple
 
 
 async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], *, limit: int) -> None:
+    """``fn`` over ``items``, at most ``limit`` at once; the first failure cancels the rest.
+
+    The next item is taken only once a slot is free, so a lazy ``items`` (documents streaming
+    out of a component's compressed blob) never has more than ``limit`` of them in memory.
+    """
     sem = asyncio.Semaphore(limit)
 
     async def one(item: T) -> None:
-        async with sem:
+        try:
             await fn(item)
+        finally:
+            sem.release()
 
     async with asyncio.TaskGroup() as group:
         for item in items:
+            await sem.acquire()
             group.create_task(one(item))
 
 
@@ -114,13 +122,12 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,
     parsed, and the server's answer only for its metadata, so a component's big CRDs never exist
     as dicts in the agent (see :class:`model.Unit` for why that matters to its memory).
     """
-    docs = sorted(unit.documents(), key=lambda doc: render.key_order(doc[0]))
-    kind_of = {key: model.Ref.parse(key).kind for key, _ in docs}
+    kind_of = {key: model.Ref.parse(key).kind for key in unit.keys}
     early = ("Namespace", "CustomResourceDefinition")
-    first = [d for d in docs if kind_of[d[0]] in early]
-    late = [d for d in docs if kind_of[d[0]] in _LATE_KINDS]
-    rest = [d for d in docs if kind_of[d[0]] not in early and kind_of[d[0]] not in _LATE_KINDS]
-    del docs
+
+    def docs(select: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+        return unit.documents([k for k in unit.keys if select(kind_of[k])], order=render.key_order)
+
     count = 0
     crd_checks: list[dict[str, Any]] = []
     crd_groups: set[str] = set()
@@ -137,7 +144,7 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,
         count += 1
         journal.failpoint(f"{step}#{count}")
 
-    for doc in first:  # few, and namespaces must exist before anything lands in them
+    for doc in docs(lambda kind: kind in early):  # few, and namespaces must exist before anything lands in them
         await one(doc)
     if crd_checks:
         try:
@@ -147,8 +154,9 @@ async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,
         for group in crd_groups:
             kube.forget(api, group=group)
     try:
-        await gather_bounded(rest, one, limit=OBJECT_CONCURRENCY)
-        await gather_bounded(late, one, limit=OBJECT_CONCURRENCY)
+        await gather_bounded(docs(lambda kind: kind not in early and kind not in _LATE_KINDS), one,
+                             limit=OBJECT_CONCURRENCY)
+        await gather_bounded(docs(lambda kind: kind in _LATE_KINDS), one, limit=OBJECT_CONCURRENCY)
     except* ApplyFailed as group:
         raise group.exceptions[0] from None
     return count

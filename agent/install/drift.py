@@ -319,7 +319,7 @@ class Supervisor:
             # One GET per changed object, not a LIST of the component: a pass without stored
             # versions (another cluster) reads everything, and a LIST of big CRDs would balloon
             # the heap for good. Likewise the bundle's side is parsed one object at a time.
-            for key, raw in sorted(unit.documents(suspect), key=lambda doc: render.key_order(doc[0])):
+            for key, raw in unit.documents(suspect, order=render.key_order):
                 live = versions.get(key)
                 if live is not None and _status_only(live, verified.get(key), jsonpick.head(raw)):
                     verified[key] = live.seen

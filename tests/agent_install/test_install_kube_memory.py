@@ -86,7 +86,10 @@ _tricky_keys = st.sampled_from(["status", "spec", 'st"a', "{", "]", "\\", "x y",
 def test_top_level_agrees_with_json_loads(doc: dict[str, Any], indent: int | None) -> None:
     text = json.dumps(doc, indent=indent)
     for fields in (("status",), ("spec", 'st"a'), tuple(doc)):
-        assert jsonpick.top_level(text, fields) == {k: v for k, v in json.loads(text).items() if k in fields}
+        want = {k: v for k, v in json.loads(text).items() if k in fields}
+        assert jsonpick.top_level(text, fields) == want
+        raw = json.dumps(doc, indent=indent, ensure_ascii=False).encode()  # undecoded, as API answers are read
+        assert jsonpick.top_level(raw, fields) == want
 
 
 def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
@@ -98,6 +101,8 @@ def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
 def test_top_level_refuses_what_is_not_a_json_object(text: str) -> None:
     with pytest.raises(ValueError):
         jsonpick.top_level(text, ("status",))
+    with pytest.raises(ValueError):
+        jsonpick.top_level(text.encode(), ("status",))
 
 
 async def test_shared_client_per_kubeconfig(tmp_path: Path) -> None:
@@ -183,8 +188,8 @@ async def test_forget_a_group_drops_every_version_of_it() -> None:
        before=st.booleans(), spec=st.text(max_size=50))
 def test_head_of_bytes_reads_a_prefix_and_agrees_with_json_loads(pad: str, repeat: int, before: bool,
                                                                    spec: str) -> None:
-    """:func:`jsonpick.head` decodes a growing prefix of a document: metadata of any length, with
-    multi-byte characters wherever a cut falls, and fields in any order, give what json.loads does."""
+    """:func:`jsonpick.head` of a document's bytes: metadata of any length with multi-byte
+    characters, and fields in any order, give what json.loads does."""
     meta = {"name": "x", "annotations": {"a": pad * repeat}}
     doc: dict[str, Any] = {"spec": {"s": spec * 100}} if before else {}
     doc.update({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"d": pad * repeat}})

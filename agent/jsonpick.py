@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ def _syntax(kind: type) -> _Syntax:
 _SYNTAX = {str: _syntax(str), bytes: _syntax(bytes)}
 
 
-def top_level(text: str | bytes, fields: Collection[str]) -> dict[str, Any]:
+def top_level(text: str | bytes, fields: Collection[str], *, without: Collection[str] = ()) -> dict[str, Any]:
     """The given top-level fields of the JSON object ``text``; every other value is skipped unparsed.
 
     Skipping follows JSON's syntax (strings with escapes, nesting) without building values; it
@@ -55,6 +55,10 @@ def top_level(text: str | bytes, fields: Collection[str]) -> dict[str, Any]:
     brackets match in skipped parts). It stops as soon as it has every field: the rest of the
     object (a CRD's ~700 KB of schema after its metadata) is not even looked at. ``text`` may be
     the undecoded bytes: only the values returned are decoded.
+
+    ``without``: keys dropped from every object inside the values as they are decoded, e.g. the
+    ``managedFields`` of each item of a LIST (often a third of an object, never used by the
+    agent): each is freed as soon as its object is built, so the answer never holds them all.
     """
     syntax = _SYNTAX[bytes if isinstance(text, bytes) else str]
     out: dict[str, Any] = {}
@@ -75,7 +79,8 @@ def top_level(text: str | bytes, fields: Collection[str]) -> dict[str, Any]:
         i = _ws(syntax, text, i + 1)
         end = _skip(syntax, text, i)
         if key in fields:
-            out[key] = json.loads(text[i:end])
+            out[key] = json.loads(text[i:end], object_pairs_hook=_dropping(without)) if without else \
+                json.loads(text[i:end])
             if len(out) == len(fields):
                 return out
         i = _ws(syntax, text, end)
@@ -84,6 +89,13 @@ def top_level(text: str | bytes, fields: Collection[str]) -> dict[str, Any]:
         if _at(text, i) != ",":
             raise ValueError(f"expected ',' or '}}' at {i}")
         i = _ws(syntax, text, i + 1)
+
+
+def _dropping(keys: Collection[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {key: value for key, value in pairs if key not in keys}
+
+    return build
 
 
 def _at(text: str | bytes, i: int) -> str:

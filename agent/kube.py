@@ -328,12 +328,14 @@ async def request(
     timeout: float = REQUEST_TIMEOUT_SECONDS,
     accept: str = "application/json",
     fields: Collection[str] | None = None,
+    without: Collection[str] = (),
 ) -> Any:
     """One API request through the client's own auth and transport; returns the decoded JSON (or None).
 
     ``accept`` lets a caller ask for a server-side representation such as a metadata-only
     ``Table`` (the installer's drift check lists resourceVersions that way). ``fields``: decode
-    only these top-level fields of the answer (an object), see :func:`agent.jsonpick.top_level`.
+    only these top-level fields of the answer (an object), and inside them none of the keys in
+    ``without``, see :func:`agent.jsonpick.top_level`.
     """
     global last_contact
     headers = {"Accept": accept}
@@ -361,7 +363,7 @@ async def request(
                 error.body = raw.decode("utf-8", "replace")
                 raise error
             try:  # from the bytes: a big answer (a CRD) is never decoded as a whole
-                result = jsonpick.top_level(raw, fields)
+                result = jsonpick.top_level(raw, fields, without=without)
             except ValueError as exc:
                 raise KubeError(f"malformed answer to {method} {path}: {exc}") from None
     except ApiException as exc:
@@ -508,15 +510,19 @@ async def list_objects(
     namespace: str | None = None,
     label_selector: str | None = None,
     field_selector: str | None = None,
+    managed_fields: bool = False,
 ) -> list[dict[str, Any]]:
-    """All objects of a kind (in ``namespace``, or cluster-wide when None), following ``continue`` pages."""
+    """All objects of a kind (in ``namespace``, or cluster-wide when None), following ``continue``
+    pages; without their ``metadata.managedFields`` (the agent never reads them) unless asked."""
     resource = await resource_for(api, api_version, kind)
     path = resource.path(namespace=namespace if resource.namespaced else None)
     items: list[dict[str, Any]] = []
     token: str | None = None
     while True:
         query = {"labelSelector": label_selector, "fieldSelector": field_selector, "limit": 500, "continue": token}
-        doc = await request(api, "GET", path, query=query) or {}
+        # Items without their managedFields: a LIST of pods or workloads is a third smaller.
+        doc = await request(api, "GET", path, query=query, fields=("items", "metadata"),
+                            without=() if managed_fields else ("managedFields",)) or {}
         for item in doc.get("items") or []:
             item.setdefault("apiVersion", api_version)  # list items omit them
             item.setdefault("kind", kind)

@@ -36,6 +36,9 @@ _LATE_KINDS = ("APIService", "ValidatingWebhookConfiguration", "MutatingWebhookC
 _LIVE_REPLICAS = ("Deployment", "StatefulSet", "ReplicaSet")
 
 
+_END = object()
+
+
 class ApplyFailed(Exception):
     """An object was refused for good; the message names it."""
 
@@ -105,10 +108,15 @@ async def gather_bounded(items: Iterable[T], fn: Callable[[T], Awaitable[Any]], 
         finally:
             sem.release()
 
+    pending = iter(items)
     async with asyncio.TaskGroup() as group:
-        for item in items:
-            await sem.acquire()
-            group.create_task(one(item))
+        while True:
+            await sem.acquire()  # before taking the item: a waiting item is in memory too
+            item = next(pending, _END)
+            if item is _END:
+                sem.release()
+                break
+            group.create_task(one(item))  # type: ignore[arg-type]
 
 
 async def apply_unit(api: Any, unit: model.Unit, *, deadline: float, step: str,

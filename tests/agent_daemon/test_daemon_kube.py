@@ -84,6 +84,9 @@ async def test_tls_token_ssa_get_list_patch_delete(tmp_path: Path) -> None:
             )
             assert [o["metadata"]["name"] for o in listed] == ["cfg"]
             assert listed[0]["kind"] == "ConfigMap"
+            assert "managedFields" not in listed[0]["metadata"] and listed[0]["data"] == got["data"]
+            full = await kube.list_objects(api, "v1", "ConfigMap", namespace="default", managed_fields=True)
+            assert full[0]["metadata"]["managedFields"] == got["metadata"]["managedFields"]
 
             patched = await kube.patch(api, "v1", "ConfigMap", "cfg", {"data": {"c": "4"}}, namespace="default")
             assert patched["data"]["c"] == "4"

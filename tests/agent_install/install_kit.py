@@ -249,7 +249,7 @@ async def managed(api: Any, kinds: Iterable[tuple[str, str]] = KINDS) -> dict[st
     out: dict[str, dict[str, Any]] = {}
     for api_version, kind in kinds:
         try:
-            items = await kube.list_objects(api, api_version, kind,
+            items = await kube.list_objects(api, api_version, kind, managed_fields=True,
                                             label_selector="app.kubernetes.io/managed-by=edgefleet")
         except (kube.UnknownKind, kube.NotFound):
             kube.forget(api, api_version)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -90,6 +91,16 @@ def test_top_level_agrees_with_json_loads(doc: dict[str, Any], indent: int | Non
         assert jsonpick.top_level(text, fields) == want
         raw = json.dumps(doc, indent=indent, ensure_ascii=False).encode()  # undecoded, as API answers are read
         assert jsonpick.top_level(raw, fields) == want
+
+
+def test_top_level_without_drops_a_key_at_every_depth() -> None:
+    page = {"metadata": {"continue": ""}, "items": [
+        {"metadata": {"name": "a", "managedFields": [{"manager": "x"}]}, "spec": {"managedFields": 1}},
+        {"metadata": {"name": "b"}, "data": {"k": '"managedFields": [1]'}},
+    ]}
+    got = jsonpick.top_level(json.dumps(page).encode(), ("items",), without=("managedFields",))
+    assert got == {"items": [{"metadata": {"name": "a"}, "spec": {}},
+                             {"metadata": {"name": "b"}, "data": {"k": '"managedFields": [1]'}}]}
 
 
 def test_top_level_skips_brackets_and_quotes_inside_strings() -> None:
@@ -211,3 +222,39 @@ def test_stored_lines_stream_across_chunk_boundaries() -> None:
     lines = list(model.iter_lines(blob))
     assert [json.loads(line) for line in lines] == objects
     assert list(model.iter_lines(b"")) == list(model.iter_lines(model.pack([]))) == []
+
+
+async def test_gather_bounded_pulls_lazily_and_stops_at_the_first_failure() -> None:
+    """At most ``limit`` items are out of a lazy iterable at once (each a document in memory), and
+    a failure ends the run with that failure, the items not yet started never taken."""
+    from agent.install import apply
+
+    taken: list[int] = []
+    finished: list[int] = []
+    out_at_once: list[int] = []
+
+    def items() -> Any:
+        for i in range(40):
+            taken.append(i)
+            out_at_once.append(len(taken) - len(finished))
+            yield i
+
+    async def fn(i: int) -> None:
+        await asyncio.sleep(0.001 * (i % 3))
+        finished.append(i)
+
+    await apply.gather_bounded(items(), fn, limit=4)
+    assert len(taken) == 40 and sorted(finished) == list(range(40))
+    assert max(out_at_once) == 4
+
+    taken.clear()
+
+    async def failing(i: int) -> None:
+        await asyncio.sleep(0.001)
+        if i == 5:
+            raise apply.ApplyFailed("no")
+
+    with pytest.raises(ExceptionGroup) as err:
+        await apply.gather_bounded(items(), failing, limit=4)
+    assert err.group_contains(apply.ApplyFailed)
+    assert len(taken) < 40

@@ -125,7 +125,8 @@ async def workloads(api: Any) -> dict[str, dict[str, Any]]:
     """name → live Deployment/StatefulSet."""
     out: dict[str, dict[str, Any]] = {}
     for kind in ("Deployment", "StatefulSet"):
-        for obj in await kube.list_objects(api, "apps/v1", kind, label_selector="edgefleet.io/tier"):
+        for obj in await kube.list_objects(api, "apps/v1", kind, label_selector="edgefleet.io/tier",
+                                           managed_fields=True):
             out[obj["metadata"]["name"]] = obj
     return out
 

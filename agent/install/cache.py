@@ -27,8 +27,9 @@ from agent.install import model
 
 #: 2: one JSON document per line in the blobs (see model.pack); 3: per-unit ``placement``
 #: (object key → change codes). Older caches are rendered again, so the inventory never shows
-#: "nothing patched" for a bundle merely rendered by an older agent.
-VERSION = 3
+#: "nothing patched" for a bundle merely rendered by an older agent. 4: blobs with a 256 KiB zstd
+#: window (model.compress), so streaming a component's documents stays small.
+VERSION = 4
 SPEC_FILE = "spec.json"
 
 

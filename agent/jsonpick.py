@@ -46,7 +46,8 @@ def _syntax(kind: type) -> _Syntax:
 _SYNTAX = {str: _syntax(str), bytes: _syntax(bytes)}
 
 
-def top_level(text: str | bytes, fields: Collection[str], *, without: Collection[str] = ()) -> dict[str, Any]:
+def top_level(text: str | bytes | bytearray, fields: Collection[str], *,
+              without: Collection[str] = ()) -> dict[str, Any]:
     """The given top-level fields of the JSON object ``text``; every other value is skipped unparsed.
 
     Skipping follows JSON's syntax (strings with escapes, nesting) without building values; it
@@ -60,7 +61,7 @@ def top_level(text: str | bytes, fields: Collection[str], *, without: Collection
     ``managedFields`` of each item of a LIST (often a third of an object, never used by the
     agent): each is freed as soon as its object is built, so the answer never holds them all.
     """
-    syntax = _SYNTAX[bytes if isinstance(text, bytes) else str]
+    syntax = _SYNTAX[str if isinstance(text, str) else bytes]
     out: dict[str, Any] = {}
     i = _ws(syntax, text, 0)
     if _at(text, i) != "{":
@@ -98,7 +99,7 @@ def _dropping(keys: Collection[str]) -> Callable[[list[tuple[str, Any]]], dict[s
     return build
 
 
-def _at(text: str | bytes, i: int) -> str:
+def _at(text: str | bytes | bytearray, i: int) -> str:
     """The character at ``i`` ('' past the end); for bytes, the byte as a character."""
     if i >= len(text):
         return ""
@@ -106,12 +107,12 @@ def _at(text: str | bytes, i: int) -> str:
     return chr(char) if isinstance(char, int) else char
 
 
-def _ws(syntax: _Syntax, text: str | bytes, i: int) -> int:
+def _ws(syntax: _Syntax, text: str | bytes | bytearray, i: int) -> int:
     space = syntax.ws.match(text, i)
     return space.end() if space else i
 
 
-def _skip(syntax: _Syntax, text: str | bytes, i: int) -> int:
+def _skip(syntax: _Syntax, text: str | bytes | bytearray, i: int) -> int:
     """The index just after the JSON value that starts at ``i``."""
     first = _at(text, i)
     if first not in ("{", "["):  # a scalar: a string, or a number/true/false/null

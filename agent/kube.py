@@ -211,9 +211,17 @@ def _default_kubeconfig() -> Path:
     return default if default.is_file() or not K3S_KUBECONFIG.is_file() else K3S_KUBECONFIG
 
 
+#: Connections one client keeps to the API server (kubernetes-asyncio's default is 100). The
+#: installer has up to parallelism x 8 requests out at once, each with its answer buffered and, on
+#: a real node, a TLS connection of its own (~0.1 MiB each); requests beyond this wait for a
+#: connection instead. The degradation controller's two watches hold one each.
+MAX_CONNECTIONS = 10
+
+
 async def load_configuration(kubeconfig: Path | None) -> Any:
     """Build a client ``Configuration`` (see the module docstring for the search order)."""
     configuration = Configuration()
+    configuration.connection_pool_maxsize = MAX_CONNECTIONS
     try:
         if kubeconfig is None and _in_cluster():
             _incluster.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
@@ -357,15 +365,14 @@ async def request(
         )
         if fields is not None:  # the raw aiohttp response: check and decode it here
             async with result:
-                raw = await result.read()
-            if not 200 <= result.status <= 299:
-                error = ApiException(status=result.status, reason=result.reason)
-                error.body = raw.decode("utf-8", "replace")
-                raise error
-            try:  # from the bytes: a big answer (a CRD) is never decoded as a whole
-                result = jsonpick.top_level(raw, fields, without=without)
-            except ValueError as exc:
-                raise KubeError(f"malformed answer to {method} {path}: {exc}") from None
+                if not 200 <= result.status <= 299:
+                    error = ApiException(status=result.status, reason=result.reason)
+                    error.body = (await result.read()).decode("utf-8", "replace")
+                    raise error
+                try:  # from the bytes: a big answer (a CRD) is never decoded as a whole
+                    result = await _pick(result, fields, without=without)
+                except ValueError as exc:
+                    raise KubeError(f"malformed answer to {method} {path}: {exc}") from None
     except ApiException as exc:
         if int(getattr(exc, "status", 0) or 0) not in _UNAVAILABLE_STATUSES | _UNUSABLE_STATUSES | {0}:
             last_contact = time.monotonic()  # it answered (e.g. 404, 409), just not what we wanted
@@ -374,6 +381,31 @@ async def request(
         raise KubeUnavailable(f"API server unreachable: {type(exc).__name__}: {exc}") from None
     last_contact = time.monotonic()
     return result
+
+
+async def _pick(response: Any, fields: Collection[str], *, without: Collection[str]) -> dict[str, Any]:
+    """:func:`agent.jsonpick.top_level` of an answer's body; for fields of an object's head, read
+    only as far as they go.
+
+    An apply answers with the whole object: a CRD's ~700 KB, of which the installer wants the
+    metadata at its start. Several such answers buffered at once were megabytes of the install's
+    peak, so the body is read a chunk at a time until the head is complete, and the connection,
+    with the rest unread, is closed (the pool opens another). A ValueError on a partial body only
+    means "read more"; the whole body's says the answer is malformed.
+    """
+    if not set(fields) <= set(jsonpick.HEAD):
+        return jsonpick.top_level(await response.read(), fields, without=without)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        try:
+            picked = jsonpick.top_level(body, fields, without=without)
+        except ValueError:
+            continue
+        if not response.content.at_eof():
+            response.close()
+        return picked
+    return jsonpick.top_level(body, fields, without=without)
 
 
 async def ping(api: Any) -> dict[str, Any]:

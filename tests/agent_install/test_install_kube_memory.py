@@ -182,6 +182,37 @@ async def test_a_rendered_document_is_applied_as_stored_without_parsing_its_body
     assert raw_peak < parsed_peak / 2, (raw_peak, parsed_peak, len(document))
 
 
+async def test_an_answer_is_read_only_as_far_as_the_head_it_is_asked_for() -> None:
+    """kube.apply(fields=("metadata",)) of a big CRD stops reading the answer once its metadata is
+    in (the rest of the connection is dropped): the metadata is complete and right, and the
+    client goes on working over fresh connections; other fields still read the whole answer."""
+    crd = _big_crd()
+    async with sim.testing.running(nodes=["server-0"]) as site, kube.connect(site.kubeconfig) as api:
+        reads: list[int] = []
+        real_pick = kube._pick
+
+        async def counting_pick(response: Any, fields: Any, *, without: Any) -> Any:
+            picked = await real_pick(response, fields, without=without)
+            reads.append(response.content.total_bytes)
+            return picked
+
+        kube._pick = counting_pick  # type: ignore[assignment]
+        try:
+            answer = await kube.apply(api, crd, fields=("metadata",))
+            status = await kube.get(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition",
+                                    "widgets.example.com", fields=("status",))
+        finally:
+            kube._pick = real_pick  # type: ignore[assignment]
+        live = await kube.get(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition", "widgets.example.com")
+        assert live is not None and answer["metadata"]["uid"] == live["metadata"]["uid"]
+        assert answer["metadata"]["managedFields"] == live["metadata"]["managedFields"][:1]  # then the status
+        assert status is not None and "conditions" in status["status"]
+        whole = len(json.dumps(live, separators=(",", ":")))
+        assert reads[0] < whole / 2 and reads[1] > whole * 0.8, (reads, whole)
+        for _ in range(3):  # the dropped connection is not reused half-read
+            assert (await kube.apply(api, crd, fields=("metadata",)))["metadata"]["name"] == "widgets.example.com"
+
+
 async def test_forget_a_group_drops_every_version_of_it() -> None:
     async with sim.testing.running(nodes=["server-0"]) as site, kube.connect(site.kubeconfig) as api:
         await kube.resource_for(api, "apps/v1", "Deployment")

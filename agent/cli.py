@@ -57,8 +57,23 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _without_rich() -> None:
+    """Off a TTY, make ``rich`` look absent before anything imports structlog.
+
+    structlog.dev (imported by structlog itself) loads rich, when installed, for pretty console
+    tracebacks: ~5 MiB of RSS in every agent process (the daemon, whose stdout is the journal;
+    ``bundle import`` run by the inbox unit or a script). Nodes do not have rich; development
+    venvs do (typer pulls it in), so without this the figures measured there are not a node's.
+    On a TTY an operator keeps the pretty tracebacks. structlog's documented fallback when rich
+    is missing is plain tracebacks.
+    """
+    if "rich" not in sys.modules and not sys.stdout.isatty():
+        sys.modules["rich"] = None  # type: ignore[assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _without_rich()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

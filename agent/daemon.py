@@ -43,13 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if "rich" not in sys.modules and not sys.stdout.isatty():
-    # structlog.dev (imported by structlog itself) loads rich, when installed, for pretty console
-    # tracebacks: ~3 MiB of RSS for a daemon whose stdout is the journal (JSON lines, see
-    # agent/logs.py). Nodes do not have rich; development venvs do. Off a TTY, let structlog see it
-    # as absent (its documented fallback: plain tracebacks if the console renderer is forced).
-    sys.modules["rich"] = None  # type: ignore[assignment]
-
 import structlog
 
 from agent import (

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROBE = """
 import asyncio, sys
 from pathlib import Path
@@ -32,3 +34,14 @@ def test_snapshot_command_still_registers_its_subcommands() -> None:
     parser = cli.build_parser(["snapshot", "list"])
     assert parser.parse_args(["snapshot", "list"]).command == "snapshot"
     assert set(cli.COMMAND_MODULES) == {"run", "status", "snapshot", "bundle", "install"}
+
+
+
+def test_agent_commands_off_a_tty_do_not_load_rich() -> None:
+    """rich (in development venvs through typer, not on nodes) is ~5 MiB an agent process would keep."""
+    pytest.importorskip("rich")
+    probe = "import sys, structlog\nprint(sys.modules.get('rich') is not None)"
+    through_cli = "from agent import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n" + probe
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+            for code in (through_cli, probe)]
+    assert [out.stdout.splitlines()[-1] for out in outs] == ["False", "True"]

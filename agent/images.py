@@ -12,10 +12,12 @@ goes missing later shows at the health gate (agent.install.gates), naming the po
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from agent.context import AgentContext
 from agent.install import model
+from bundles import manifest
 
 
 class ImageLoadError(Exception):
@@ -34,10 +36,23 @@ async def collect_garbage(ctx: AgentContext, *, keep: set[str | None]) -> dict[s
     return await imageload.collect_garbage(ctx, keep=keep)
 
 
+def layout_dir(spec: model.Spec) -> Path | None:
+    """The bundle's OCI image layout, if it carries images."""
+    d = Path(spec.path) / "payload" / manifest.IMAGES_DIR
+    return d if (d / manifest.IMAGES_META_NAME).is_file() else None
+
+
 async def load_for(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:
-    """Record the bundle's image references (``images.<bundle>`` in the store) and load its images."""
+    """Record the bundle's image references (``images.<bundle>`` in the store) and load its images.
+
+    With the ``none`` loader and no images in the bundle there is nothing to load or check, and
+    the loaders' modules (tarfile, the OCI and registry code, ~0.6 MiB) stay unimported.
+    """
     refs = references(spec)
     ctx.store.put(f"images.{spec.label}", refs)
+    count = sum(len(v) for v in refs.values())
+    if ctx.config.install.image_loader == "none" and layout_dir(spec) is None:
+        return {"references": count, "loader": "none"}
     from agent import imageload  # late: imageload imports this module
 
-    return {"references": sum(len(v) for v in refs.values()), **await imageload.load(ctx, spec)}
+    return {"references": count, **await imageload.load(ctx, spec)}

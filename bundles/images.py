@@ -46,11 +46,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from bundles import content, errors, oci
+from bundles import content, errors, manifest, oci
 from bundles.manifest import BaseRef, Component, FileEntry
 
-IMAGES_DIR = "images"
-META_NAME = "edgefleet-images.json"
+IMAGES_DIR = manifest.IMAGES_DIR
+META_NAME = manifest.IMAGES_META_NAME
 SKOPEO_TIMEOUT = 3600
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")  # distribution's reference grammar

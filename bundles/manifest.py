@@ -54,6 +54,11 @@ HEALTH_CHECK_TYPES = (
     "job-complete",
     "condition",
 )
+#: Where a bundle carries its images (under ``payload/``): an OCI image layout plus the image
+#: list ``META_NAME`` (see :mod:`bundles.images`). Here, not there, so that a reader asking only
+#: "does this bundle carry images?" (the agent, per install) does not import the image tooling.
+IMAGES_DIR = "images"
+IMAGES_META_NAME = "edgefleet-images.json"
 MAX_PATH_LEN = 240  # "payload/" + path must fit a ustar name+prefix (255)
 MAX_FILES = 100_000
 MAX_COMPONENTS = 1_000

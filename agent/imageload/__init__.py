@@ -39,11 +39,6 @@ log = structlog.get_logger("edgefleet.images")
 PUSHED_KEY = "images.pushed"
 
 
-def layout_dir(spec: model.Spec) -> Path | None:
-    d = Path(spec.path) / "payload" / bundle_images.IMAGES_DIR
-    return d if (d / bundle_images.META_NAME).is_file() else None
-
-
 def target(ctx: AgentContext) -> registry.Target:
     c = ctx.config.images
     return registry.Target(url=c.registry_url, repo_layout=c.repo_layout, tls_verify=c.tls_verify, ca_file=c.ca_file,
@@ -53,7 +48,7 @@ def target(ctx: AgentContext) -> registry.Target:
 
 async def load(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:
     loader = ctx.config.install.image_loader
-    images_dir = layout_dir(spec)
+    images_dir = agent_images.layout_dir(spec)
     carried: set[str] = set()
     meta: dict[str, Any] = {"images": []}
     out: dict[str, Any] = {"loader": loader}

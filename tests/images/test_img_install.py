@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -90,3 +92,28 @@ async def test_upgrades_keep_current_and_last_good_images_only(tmp_path: Path, s
             assert reg.blobs() == needed(pushed[ids[1]]) | needed(pushed[ids[2]])
             gc_events = img_kit.events_of(ctx, "images.gc")
             assert len(gc_events) == 1 and gc_events[0]["data"]["manifestsDeleted"] >= 1
+
+
+
+def test_none_loader_without_images_loads_no_image_tooling(tmp_path: Path) -> None:
+    """The sim's ``none`` loader on a bundle without images: nothing to do, and the loaders' modules
+    (tarfile, OCI, registry client: ~0.6 MiB for the daemon's life) stay unimported."""
+    probe = r"""
+import asyncio, sys
+from pathlib import Path
+from agent import images
+from agent.config import AgentConfig
+from agent.context import AgentContext
+from agent.install import model
+from agent.state import StateStore
+tmp = Path(sys.argv[1])
+(tmp / "bundle" / "payload").mkdir(parents=True)
+cfg = AgentConfig(site_id="s", state_dir=tmp / "state", install={"image_loader": "none"})
+ctx = AgentContext(config=cfg, store=StateStore.open(cfg.state_dir))
+spec = model.Spec(bundle_id="b", name="demo", version="1", release=1, created="", path=str(tmp / "bundle"), units=[])
+print(asyncio.run(images.load_for(ctx, spec)))
+print(sorted(m for m in ("agent.imageload", "tarfile", "bundles.oci") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["{'references': 0, 'loader': 'none'}", "[]"]

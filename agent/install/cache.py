@@ -44,7 +44,7 @@ def write(spec: model.Spec, target: Path, *, declared: dict[str, float | None]) 
         units = []
         for i, unit in enumerate(spec.units):
             blob = f"{i:03d}-{unit.name}.json.zst"
-            (tmp / blob).write_bytes(unit.blob)
+            (tmp / blob).write_bytes(unit.packed())
             units.append({
                 "name": unit.name, "layer": unit.layer, "tier": unit.tier, "namespace": unit.namespace,
                 "depends_on": list(unit.depends_on), "declared_timeout": declared.get(unit.name),
@@ -70,7 +70,8 @@ def write(spec: model.Spec, target: Path, *, declared: dict[str, float | None]) 
 
 
 def read(target: Path, *, default_timeout: float) -> model.Spec | None:
-    """The cached spec, or None if there is none (or it is from another cache version)."""
+    """The cached spec (its blobs stay on disk), or None if there is none, it is from another cache
+    version or a blob file is missing."""
     try:
         doc = json.loads((target / SPEC_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -81,10 +82,12 @@ def read(target: Path, *, default_timeout: float) -> model.Spec | None:
     for u in doc["units"]:
         timeout = u["declared_timeout"]
         keys = u["keys"]
+        if not (target / u["blob"]).is_file():  # read on each use from now on: missing means render again
+            return None
         units.append(model.Unit(
             name=u["name"], layer=u["layer"], tier=u["tier"], namespace=u["namespace"],
             depends_on=tuple(u["depends_on"]), gate_timeout=float(timeout) if timeout else default_timeout,
-            checks=u["checks"], images=u["images"], blob=(target / u["blob"]).read_bytes(), keys=keys,
+            checks=u["checks"], images=u["images"], blob_path=target / u["blob"], keys=keys,
             kinds={(k[0], k[1]) for k in u["kinds"]}, gate_checks=u["gate_checks"],
             placement=read_placement(u.get("placement"), keys=keys),
         ))

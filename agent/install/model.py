@@ -11,7 +11,8 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -87,23 +88,32 @@ def dump(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def unpack_lines(blob: bytes) -> list[bytes]:
-    """The raw JSON documents of :func:`pack`, unparsed (one bytes object each)."""
+def unpack_lines(blob: bytes | Path) -> list[bytes]:
+    """The raw JSON documents of :func:`pack` (in memory or a file), unparsed (one bytes object each)."""
     return list(iter_lines(blob))
 
 
-def iter_lines(blob: bytes) -> Iterator[bytes]:
+def iter_lines(blob: bytes | Path) -> Iterator[bytes]:
     """:func:`unpack_lines` one line at a time, decompressing as it goes: a reader after a few
     documents of a big component (drift) never holds the whole of it (prometheus: 2.5 MB).
 
     ``BufferedReader.readline`` joins a long line's chunks once; gluing them on by hand
     (``tail + chunk``) would copy a 700 KB CRD a dozen times over, growing the heap by megabytes.
+    A file is read as it is decompressed (the generator closes it when done or discarded).
     """
-    if not blob:
-        return
-    with io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(blob), buffer_size=64 * 1024) as reader:
+    if isinstance(blob, Path):
+        with blob.open("rb") as fh:
+            yield from _lines(fh)
+    elif blob:
+        yield from _lines(blob)
+
+
+def _lines(source: bytes | BinaryIO) -> Iterator[bytes]:
+    with io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(source, closefd=False),
+                           buffer_size=64 * 1024) as reader:
         # Each line but the last keeps its b"\n": still one JSON document, and not copied again
-        # to drop it. pack([]) is an empty frame: no documents, not one empty one.
+        # to drop it. pack([]) is an empty frame: no documents, not one empty one; an empty file
+        # is no frame at all, and no documents either.
         yield from reader
 
 
@@ -146,7 +156,12 @@ class Unit:
     #: Declared checks (see :mod:`agent.install.gates`).
     checks: list[dict[str, Any]] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    #: The packed documents (:func:`pack`): in memory (a spec being rendered), or ``blob_path``,
+    #: their file in the rendered cache, read each time a step needs them. Why not hold a loaded
+    #: spec's blobs: ~0.6 MB per IDP bundle, twice during an upgrade (current and target), for
+    #: an agent with a 64 MiB budget; a pass reads them again from the page cache in microseconds.
     blob: bytes = b""
+    blob_path: Path | None = None
     #: Object keys in apply order, and (apiVersion, kind) pairs: known without unpacking.
     keys: list[str] = field(default_factory=list)
     kinds: set[tuple[str, str]] = field(default_factory=set)
@@ -159,7 +174,15 @@ class Unit:
     @property
     def objects(self) -> list[dict[str, Any]]:
         """Every object, parsed (tests, tools; the engine uses :meth:`documents`)."""
-        return [json.loads(line) for line in unpack_lines(self.blob)]
+        return [json.loads(line) for line in unpack_lines(self.packed_source())]
+
+    def packed_source(self) -> bytes | Path:
+        """Where the packed documents are: ``blob_path`` if set, else ``blob``."""
+        return self.blob_path if self.blob_path is not None else self.blob
+
+    def packed(self) -> bytes:
+        """The packed documents as bytes (writing a cache)."""
+        return self.blob_path.read_bytes() if self.blob_path is not None else self.blob
 
     def documents(self, keys: Iterable[str] | None = None, *,
                   order: Callable[[str], int] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -169,21 +192,21 @@ class Unit:
         component in milliseconds; holding it whole would cost megabytes)."""
         wanted = set(self.keys) if keys is None else set(keys)
         if order is None:
-            yield from ((key, line) for key, line in zip(self.keys, iter_lines(self.blob), strict=True)
+            yield from ((key, line) for key, line in zip(self.keys, iter_lines(self.packed_source()), strict=True)
                         if key in wanted)
             return
         for rank in sorted({order(key) for key in self.keys if key in wanted}):
-            yield from ((key, line) for key, line in zip(self.keys, iter_lines(self.blob), strict=True)
+            yield from ((key, line) for key, line in zip(self.keys, iter_lines(self.packed_source()), strict=True)
                         if key in wanted and order(key) == rank)
 
     def set_objects(self, objects: list[dict[str, Any]]) -> None:
-        self.blob = pack(objects)
+        self.blob, self.blob_path = pack(objects), None
         self.keys = [Ref.of(obj).key for obj in objects]
         self.kinds = {(str(obj.get("apiVersion")), str(obj.get("kind"))) for obj in objects}
 
     def set_documents(self, documents: list[tuple[str, tuple[str, str], bytes]]) -> None:
         """Like :meth:`set_objects`, from (key, (apiVersion, kind), compact JSON) already serialized."""
-        self.blob = compress(b"\n".join(doc for _, _, doc in documents))
+        self.blob, self.blob_path = compress(b"\n".join(doc for _, _, doc in documents)), None
         self.keys = [key for key, _, _ in documents]
         self.kinds = {kinds for _, kinds, _ in documents}
 

@@ -115,3 +115,26 @@ def test_cache_of_an_older_version_is_rendered_again(tmp_path: Path) -> None:
         del u["placement"]
     (target / cache.SPEC_FILE).write_text(json.dumps(doc))
     assert cache.read(target, default_timeout=5) is None
+
+
+def test_cached_spec_reads_its_documents_from_disk(tmp_path: Path) -> None:
+    """A spec read from the cache holds no blob (its files are read on each pass); a missing blob
+    file makes read() refuse the cache (ensure() then renders again) instead of failing later."""
+    unit = model.Unit(name="app-a", layer=1, tier=2, namespace="demo-a", depends_on=(), gate_timeout=5)
+    objects = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}", "namespace": "demo-a"},
+                "data": {"k": "v" * i}} for i in range(3)]
+    unit.set_objects(objects)
+    empty = model.Unit(name="app-b", layer=1, tier=2, namespace="demo-b", depends_on=(), gate_timeout=5)
+    empty.set_objects([])
+    spec = model.Spec(bundle_id="b1", name="site", version="1", release=1, created="", path="",
+                      units=[unit, empty])
+    target = tmp_path / "rendered" / "b1"
+    cache.write(spec, target, declared={})
+    again = cache.read(target, default_timeout=5)
+    assert again is not None
+    assert [u.blob for u in again.units] == [b"", b""] and all(u.blob_path for u in again.units)
+    assert again.units[0].objects == objects and again.units[1].objects == []
+    assert [key for key, _ in again.units[0].documents()] == unit.keys
+    assert again.units[0].packed() == unit.blob
+    again.units[0].blob_path.unlink()  # type: ignore[union-attr]
+    assert cache.read(target, default_timeout=5) is None

@@ -200,6 +200,8 @@ class _Runner:
         self.store = ctx.store
         self.done = journal.done_steps(ctx.store, run.id)
         self.results: dict[str, tuple[bool, str, bool]] = {}
+        #: Components applying at once (``install.apply_parallelism``); gates are not limited by it.
+        self.applying = asyncio.Semaphore(ctx.config.install.apply_parallelism)
 
     async def step(self, name: str, fn: Callable[[], Awaitable[dict[str, Any] | None]]) -> None:
         if name in self.done:
@@ -283,7 +285,8 @@ class _Runner:
             return {}
 
         try:
-            await self.step(step, do_apply)
+            async with self.applying:
+                await self.step(step, do_apply)
             await self.step(f"{prefix}gate:{unit.name}", do_gate)
         except (apply.ApplyFailed, gates.GateFailed) as exc:
             self.results[unit.name] = (False, str(exc), False)

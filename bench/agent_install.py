@@ -211,7 +211,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of idle supervision to measure")
     parser.add_argument("--no-baseline", action="store_true", help="skip kubectl (development only: no ratio)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="set for the agent processes, after the unit's Environment= (e.g. PYTHONMALLOC=pymalloc)")
+                        help="set for the agent processes, after the unit's Environment= (e.g. PYTHONMALLOC=malloc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-install-"))
     overrides = dict(item.partition("=")[::2] for item in args.env)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from install_kit import Keys, build_bundle, context, events, managed, site_bad, site_v1, site_v2, which_bundle
+from install_kit import Comp, Keys, build_bundle, context, events, managed, site_bad, site_v1, site_v2, which_bundle
 
 from agent import installer, intake, kube, sitestatus
 from agent.install import inventory, journal, model
@@ -153,3 +153,35 @@ async def test_commanded_rollback_returns_to_last_good(site_config: Path, api: A
     assert run is not None and run.state == "committed"
     assert await which_bundle(api, VERSIONS) == "1.0.0"
     assert installer.report(ctx.store)["current"] == "site-1.0.0"
+
+
+async def test_components_apply_apply_parallelism_at_once_and_wait_at_gates_together(
+    tmp_path: Path, site: Any, api: Any, trust_keys: Keys
+) -> None:
+    """Four independent components, ``parallelism: 4``, ``apply_parallelism: 1``: the journal shows
+    no two apply steps open at once, and gates that overlap (they hold no documents in memory)."""
+    from install_kit import _deploy, write_config
+
+    comps = [Comp("ns", 0, 1, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "par"}}])]
+    comps += [Comp(f"c{i}", 1, 2, [_deploy(f"w{i}", None, replicas=2)], namespace="par") for i in range(4)]
+    bundle = build_bundle(tmp_path / "par.bundle", k=trust_keys, comps=comps, version="1.0.0", release=1)
+    config = write_config(tmp_path / "agent.yaml", state_dir=tmp_path / "state", trust_dir=tmp_path / "trust",
+                          kubeconfig=site.kubeconfig, apply_parallelism=1)
+    ctx = context(config)
+    run = await install(ctx, api, bundle)
+    assert run.state == "committed", run.error
+    open_applies: set[str] = set()
+    open_gates: set[str] = set()
+    most_gates = 0
+    for entry in journal.entries(ctx.store, run.id):
+        kind, _, name = entry["step"].partition(":")
+        opened = open_applies if kind == "apply" else open_gates if kind == "gate" else None
+        if opened is None:
+            continue
+        if entry["phase"] == "begin":
+            opened.add(name)
+            assert len(open_applies) <= 1, f"applying at once: {sorted(open_applies)}"
+            most_gates = max(most_gates, len(open_gates))
+        else:
+            opened.discard(name)
+    assert most_gates >= 2, "gates of independent components should wait together"

@@ -37,6 +37,7 @@ import ssl
 import sys
 import time
 import weakref
+from asyncio import sslproto
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -116,7 +117,9 @@ _lazy_module("dateutil.parser", forward=("parse",))
 _lazy_module("multiprocessing.pool", forward=("ThreadPool",))
 
 import aiohttp  # noqa: E402
+import aiohttp.payload  # noqa: E402
 import yaml  # noqa: E402
+from aiohttp.abc import AbstractStreamWriter  # noqa: E402
 from kubernetes_asyncio.client import api_client as _api_client  # noqa: E402
 from kubernetes_asyncio.client import configuration as _configuration  # noqa: E402
 from kubernetes_asyncio.client import exceptions as _exceptions  # noqa: E402
@@ -211,15 +214,66 @@ def _default_kubeconfig() -> Path:
     return default if default.is_file() or not K3S_KUBECONFIG.is_file() else K3S_KUBECONFIG
 
 
-#: Connections one client keeps to the API server (kubernetes-asyncio's default is 100). The
-#: installer has up to parallelism x 8 requests out at once, each with its answer buffered and, on
-#: a real node, a TLS connection of its own (~0.1 MiB each); requests beyond this wait for a
-#: connection instead. The degradation controller's two watches hold one each.
-MAX_CONNECTIONS = 10
+#: Connections one client keeps to the API server (kubernetes-asyncio's default is 100). Each is a
+#: TLS session on a node, ~0.4 MiB with its buffers (below) while the pool keeps it; requests
+#: beyond this wait for a connection instead. The degradation controller's two watches hold one
+#: each, the installer has up to 8 requests out (one component applying, 8 objects at once):
+#: measured on the sim with TLS, 6 instead of 10 took ~1 MiB off the install peak and none of
+#: its time (docs/operations.md, "Memory").
+MAX_CONNECTIONS = 6
+
+#: Request bodies go to the socket this much at a time (:class:`_ChunkedBytesPayload`).
+WRITE_CHUNK = 64 * 1024
+
+#: asyncio's TLS transport reads into a per-connection buffer of ``SSLProtocol.max_size``, 256 KiB,
+#: allocated (and touched) when the connection opens and kept for its life: 2.5 MiB for a pool of
+#: ten, a tenth of what the agent's own state is allowed. API answers arrive in TLS records of at
+#: most 16 KiB anyway, so 64 KiB only means more, cheaper reads of a big answer. A class
+#: attribute of the stdlib's transport (the only knob there is), set once for the process; it
+#: changes no behaviour, only the size of each read (tests/agent_daemon/test_daemon_kube.py).
+TLS_READ_BUFFER = 64 * 1024
+
+
+class _ChunkedBytesPayload(aiohttp.payload.BytesPayload):
+    """A bytes request body written :data:`WRITE_CHUNK` at a time, waiting for the socket between
+    pieces (aiohttp's writer drains above 64 KiB buffered).
+
+    aiohttp writes a bytes body in one call; over TLS asyncio then encrypts all of it into a
+    second buffer and keeps what the socket did not take yet in a third, so a 700 KB CRD cost
+    ~2 MB while it went out (measured: the daemon's install peak on a TLS sim -1.3 MiB with
+    this). aiohttp's own advice for big bodies is a file-like payload; the installer's documents
+    are bytes already (agent.install.apply), and kubernetes-asyncio passes only bytes through,
+    so the body stays bytes and only the writing changes. A body of one piece is one write.
+    """
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        for start in range(0, len(view), WRITE_CHUNK):
+            await writer.write(view[start:start + WRITE_CHUNK])
+
+
+_transport_tuned = False
+
+
+def _tune_transport() -> None:
+    """Once per process: smaller TLS read buffers, bytes bodies written in pieces (above)."""
+    global _transport_tuned
+    if _transport_tuned:
+        return
+    _transport_tuned = True
+    if sslproto.SSLProtocol.max_size > TLS_READ_BUFFER:
+        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+    aiohttp.payload.register_payload(_ChunkedBytesPayload, bytes, order=aiohttp.payload.Order.try_first)
 
 
 async def load_configuration(kubeconfig: Path | None) -> Any:
     """Build a client ``Configuration`` (see the module docstring for the search order)."""
+    _tune_transport()
     configuration = Configuration()
     configuration.connection_pool_maxsize = MAX_CONNECTIONS
     try:

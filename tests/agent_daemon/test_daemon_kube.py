@@ -209,3 +209,26 @@ async def test_tls_server_is_verified_against_the_kubeconfig_ca(tmp_path: Path) 
                 await kube.ping(api)
         async with kube.connect(site.kubeconfig) as api:  # the right CA still works
             assert await kube.ping(api)
+
+
+async def test_tls_reads_in_small_buffers_and_big_answers_arrive_whole() -> None:
+    """After connecting, asyncio's TLS transport reads 64 KiB at a time (it kept 256 KiB per
+    connection), bytes bodies go out in pieces, the pool is bounded, and a ~900 KB object still
+    goes out and comes back intact over TLS: the raw apply path (head only) and a full GET."""
+    from asyncio import sslproto
+
+    import aiohttp.payload
+
+    async with (sim_testing.running(nodes=["server-0"], tls=True, token="s3cret-token") as site,
+                kube.connect(site.kubeconfig) as api):
+        assert sslproto.SSLProtocol.max_size == kube.TLS_READ_BUFFER == 64 * 1024
+        assert api.rest_client.pool_manager.connector.limit == kube.MAX_CONNECTIONS
+        assert type(aiohttp.payload.get_payload(b"{}")).__name__ == "_ChunkedBytesPayload"
+        blob = "".join(f"{i:07d}" for i in range(130_000))  # 910 KB, no repeats to compress away
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big", "namespace": "default"},
+              "data": {"blob": blob}}
+        body = json.dumps(cm).encode()
+        head = await kube.apply(api, cm, body=body, fields=("metadata",))
+        assert head["metadata"]["name"] == "big"
+        got = await kube.get(api, "v1", "ConfigMap", "big", namespace="default")
+        assert got["data"]["blob"] == blob

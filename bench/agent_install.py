@@ -1,6 +1,6 @@
 """Benchmark: the agent installing the full IDP bundle vs `kubectl apply --server-side`, same run.
 
-Two identical sims (subprocesses, 3 nodes, same speed). Into one, ``edgefleet-agent bundle import
+Two identical sims (subprocesses, 3 nodes, same speed, HTTPS with a bearer token as on a node). Into one, ``edgefleet-agent bundle import
 --wait`` installs the bundle (verification, layers, DAG parallelism, health gates, commit). Into
 the other, kubectl applies the *same rendered objects in the same order*, one component after the
 other, server-side, waiting for the same gates (``kubectl wait``: CRDs Established before the rest,
@@ -210,6 +210,7 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=20.0, help="sim clock speed (both sims)")
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of idle supervision to measure")
     parser.add_argument("--no-baseline", action="store_true", help="skip kubectl (development only: no ratio)")
+    parser.add_argument("--plain-http", action="store_true", help="sims without TLS (a node's API server has it)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set for the agent processes, after the unit's Environment= (e.g. PYTHONMALLOC=malloc)")
     args = parser.parse_args()
@@ -231,8 +232,11 @@ def main() -> int:
         upgrade = build.build(profile=build.DEFAULT_PROFILE, platform=PLATFORM / "idp-blueprint",
                               mirror=PLATFORM / "mirror", out=work / "upgrade" / "idp-1.0.1.bundle", version="1.0.1",
                               release=2, keys=[k.private], allow_unrendered=True)
-        with (sim.testing.start_process(speed=args.speed) as site_a,
-              sim.testing.start_process(speed=args.speed) as site_b):
+        # HTTPS and a bearer token, as a node's API server: every connection is a TLS session,
+        # which costs the agent memory a plain-HTTP sim would not show.
+        tls = {"tls": not args.plain_http, "token": None if args.plain_http else "bench-token"}
+        with (sim.testing.start_process(speed=args.speed, **tls) as site_a,
+              sim.testing.start_process(speed=args.speed, **tls) as site_b):
             config = kit.write_config(work / "agent.yaml", state_dir=work / "state", trust_dir=work / "trust",
                                       kubeconfig=site_a.kubeconfig, default_gate_timeout_seconds=600)
             doc = yaml.safe_load(config.read_text())

@@ -1,10 +1,11 @@
 """Benchmark: the agent installing the full IDP bundle vs `kubectl apply --server-side`, same run.
 
-Two identical sims (subprocesses, 3 nodes, same speed, HTTPS with a bearer token as on a node). Into one, ``edgefleet-agent bundle import
---wait`` installs the bundle (verification, layers, DAG parallelism, health gates, commit). Into
-the other, kubectl applies the *same rendered objects in the same order*, one component after the
-other, server-side, waiting for the same gates (``kubectl wait``: CRDs Established before the rest,
-workloads Available/ready after each component), i.e. what an operator with a script would do.
+Two identical sims (subprocesses, 3 nodes, same speed, HTTPS with a bearer token as on a node).
+Into one, ``edgefleet-agent bundle import --wait`` installs the bundle (verification, layers,
+DAG parallelism, health gates, commit). Into the other, kubectl applies the *same rendered
+objects in the same order*, one component after the other, server-side, waiting for the same
+gates (``kubectl wait``: CRDs Established before the rest, workloads Available/ready after each
+component), i.e. what an operator with a script would do.
 
 Then ``edgefleet-agent run`` (the daemon) supervises the installed site for a while: its steady RSS
 and idle CPU (health every 15 s, drift every 60 s: the defaults) are measured with psutil. Then an

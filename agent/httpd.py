@@ -48,7 +48,7 @@ HEAD_TIMEOUT_SECONDS = 5.0
 
 _TEXT = "text/plain; charset=utf-8"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 @dataclass
@@ -129,7 +129,11 @@ def answer(head: bytes, routes: dict[str, Callable[[], Answer]]) -> tuple[Answer
         return (404, _TEXT, f"no such endpoint; try {', '.join(routes)}\n".encode()), True
     if method not in (b"GET", b"HEAD"):
         return (405, _TEXT, b"only GET and HEAD\n"), True
-    return route(), method == b"GET"
+    try:
+        return route(), method == b"GET"
+    except Exception as exc:  # a broken check must not take the endpoint down: answer 500 and log it
+        log.exception("http endpoint failed", path=target)
+        return (500, _TEXT, f"internal error: {type(exc).__name__}\n".encode()), True
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,

@@ -72,3 +72,13 @@ def test_the_daemon_does_not_load_a_web_framework() -> None:
     probe = "import sys\nimport agent.daemon\nprint('aiohttp.web' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_a_failing_endpoint_answers_500_and_the_others_still_work() -> None:
+    def broken() -> httpd.Answer:
+        raise RuntimeError("store gone")
+
+    routes = {"/healthz": lambda: (200, "text/plain", b"ok"), "/readyz": broken}
+    assert httpd.answer(b"GET /readyz HTTP/1.1\r\n\r\n", routes) == (
+        (500, "text/plain; charset=utf-8", b"internal error: RuntimeError\n"), True)
+    assert httpd.answer(b"HEAD /healthz HTTP/1.1\r\n\r\n", routes) == ((200, "text/plain", b"ok"), False)

@@ -61,7 +61,7 @@ def _without_rich() -> None:
     """Off a TTY, make ``rich`` look absent before anything imports structlog.
 
     structlog.dev (imported by structlog itself) loads rich, when installed, for pretty console
-    tracebacks: ~5 MiB of RSS in every agent process (the daemon, whose stdout is the journal;
+    tracebacks: ~4 MiB of RSS in every agent process (the daemon, whose stdout is the journal;
     ``bundle import`` run by the inbox unit or a script). Nodes do not have rich; development
     venvs do (typer pulls it in), so without this the figures measured there are not a node's.
     On a TTY an operator keeps the pretty tracebacks. structlog's documented fallback when rich

@@ -73,7 +73,7 @@ class InstallConfig(_Section):
     #: server's answers in memory; waiting at a health gate (most of an install's time on a real
     #: site) holds next to nothing. So up to ``parallelism`` components wait at their gates while
     #: this many apply (each still 8 objects at once): the daemon's install peak measured
-    #: -1.6 MiB at 2 vs 4 and another ~0.5 at 1, with no loss of install time on the sim
+    #: -1.6 MiB at 2 vs 4 and another ~0.5 at 1; inbox-to-commit on the sim 9.4-9.5 s -> 9.7-10.0 s
     #: (docs/operations.md, "Memory").
     apply_parallelism: int = Field(default=1, ge=1, le=64)
     #: Health-gate timeout for components whose bundle entry names none.

@@ -38,8 +38,7 @@ async def collect_garbage(ctx: AgentContext, *, keep: set[str | None]) -> dict[s
 
 def layout_dir(spec: model.Spec) -> Path | None:
     """The bundle's OCI image layout, if it carries images."""
-    d = Path(spec.path) / "payload" / manifest.IMAGES_DIR
-    return d if (d / manifest.IMAGES_META_NAME).is_file() else None
+    return manifest.images_layout(Path(spec.path))
 
 
 async def load_for(ctx: AgentContext, spec: model.Spec) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from bundles import errors, images, oci
-from bundles.manifest import BaseRef, Manifest
+from bundles.manifest import BaseRef, Manifest, images_layout
 
 _BLOB = re.compile(r"^images/blobs/sha256/([0-9a-f]{64})$")
 _STAGED = re.compile(r"^[0-9a-f]{64}$")
@@ -69,8 +69,8 @@ def find_base(manifest: Manifest, store_dir: Path) -> Path:
 
 def complete(staged: Path, store_dir: Path, *, manifest: Manifest | None = None, rehash: bool = True) -> int:
     """Bring the blobs a staged delta left out into its payload; returns how many were added."""
-    images_dir = staged / "payload" / images.IMAGES_DIR
-    if not (images_dir / images.META_NAME).is_file():
+    images_dir = images_layout(staged)
+    if images_dir is None:
         return 0
     meta = images.load_meta(images_dir)
     base_doc = meta.get("base")

@@ -36,6 +36,7 @@ import json
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -59,6 +60,13 @@ HEALTH_CHECK_TYPES = (
 #: "does this bundle carry images?" (the agent, per install) does not import the image tooling.
 IMAGES_DIR = "images"
 IMAGES_META_NAME = "edgefleet-images.json"
+
+
+def images_layout(bundle_dir: Path) -> Path | None:
+    """The OCI image layout of a staged bundle (``payload/images``), or None if it carries no images."""
+    layout = bundle_dir / "payload" / IMAGES_DIR
+    return layout if (layout / IMAGES_META_NAME).is_file() else None
+
 MAX_PATH_LEN = 240  # "payload/" + path must fit a ustar name+prefix (255)
 MAX_FILES = 100_000
 MAX_COMPONENTS = 1_000
